@@ -1,0 +1,39 @@
+"""The resolved configuration of one training run (saved as ``config.json`` beside it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    model: str = "vae"
+    dataset: str = "multi-mnist"
+    estimator: str | None = None  # None: the model's default
+    steps: int = 5000
+    batch_size: int = 64
+    lr: float = 1e-3
+    grad_clip: float | None = 10.0
+    seed: int = 0
+    device: str = "auto"
+    train_size: int = 20000
+    eval_size: int = 1000
+    data_dir: str | None = None
+    checkpoint_every: int = 500
+    log_every: int = 50
+    image_every: int = 1000
+    num_workers: int = 1
+    model_options: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # Fields that may change when a run is resumed: extending it or moving it to other hardware.
+    RESUMABLE_CHANGES = ("steps", "device", "checkpoint_every", "log_every", "image_every", "num_workers")
+
+    def mismatches(self, other: "TrainConfig") -> list[str]:
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]
