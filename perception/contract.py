@@ -102,6 +102,9 @@ class Encoder(nn.Module, abc.ABC):
 
     Config: ClassVar[type]
     name: ClassVar[str] = ""
+    # The dataset the model is meant for: tests and export build untrained models of every
+    # registered name at this dataset's image shape.
+    default_dataset: ClassVar[str] = "multi-mnist"
 
     def __init__(self, config: Any, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
