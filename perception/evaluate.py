@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     from perception.train.checkpoint import load_encoder_checkpoint
     from perception.data import make_dataset
     from perception.metrics import evaluate_encoder
-    from perception.train.loop import mean_model_metrics, resolve_device
+    from perception.train.loop import json_safe, mean_model_metrics, resolve_device
 
     if args.out and Path(args.out).exists():
         raise OutputExistsError(f"{args.out} exists; choose another --out")
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     with torch.enable_grad():  # some estimators differentiate inside the loss
         metrics.update(mean_model_metrics(encoder, scenes, device))
     metrics = {k: metrics[k] for k in sorted(metrics)}
-    text = json.dumps(metrics, indent=2)
+    text = json.dumps(json_safe(metrics), indent=2)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

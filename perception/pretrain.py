@@ -17,6 +17,7 @@ from pathlib import Path
 
 from perception.cli import parse_options, run_cli
 from perception.train.config import TrainConfig
+from perception.train.loop import json_safe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> int:
         from perception.train.loop import train
 
         metrics = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps({k: metrics[k] for k in sorted(metrics)}, indent=2))
+    print(json.dumps(json_safe(metrics), indent=2, sort_keys=True))
     print(f"run directory: {out}")
     return 0
 

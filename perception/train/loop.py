@@ -67,9 +67,20 @@ def load_data(cfg: TrainConfig, split: str, size: int, seed: int):
     return make_dataset(cfg.dataset, split=split, size=size, seed=seed, data_dir=cfg.data_dir, **cfg.dataset_options)
 
 
+def json_safe(obj: Any) -> Any:
+    """Strict JSON: undefined metrics (NaN, e.g. slot similarity of a one-slot model) become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
