@@ -1,0 +1,249 @@
+"""``python -m agents.bench``: compare observation sources for PPO, and measure ObjectSlots throughput.
+
+Learning (default): for every env x encoder x seed, ``agents.train`` runs for ``--timesteps``
+env steps into ``OUT/runs/ENV-ENCODER-sSEED`` (an existing run is resumed, so an interrupted
+benchmark continues). The final return of a run is the mean, over its last ``FINAL_WINDOW``
+training iterations, of RLlib's ``episode_return_mean`` (episodes sampled with the stochastic
+policy while training; one-step tasks finish ~1,000 episodes per iteration, Collect ~20). Writes ``OUT/learning.json`` (per run: final return,
+curve, wall time; per env and encoder: mean over seeds and the ratio to the oracle) and one
+``OUT/curves-ENV.png`` per env.
+
+``--throughput``: env steps per second through :class:`envs.VectorObjectSlots` with the ONNX
+backend (a ``.pt`` checkpoint is exported to ``OUT/onnx/`` first) on ``--threads`` cores, and
+the wrapper's overhead: per vector step, ``t_wrapped`` (the full wrapped step), ``t_env`` (the
+same vector env unwrapped) and ``t_encoder`` (the encoder called alone on the same batches);
+``wrapper_overhead`` = (t_wrapped - t_env - t_encoder) / t_encoder: everything the wrapped step
+costs beyond the env and the encoder, as a fraction of the encoder's own inference time; and
+``conversion_overhead`` = (t_converter - t_encoder) / t_encoder, the wrapper's own work (uint8 ->
+float, slot assembly, clip, mask) timed directly on the same batches. Writes ``OUT/throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.environment import ObservationSource
+from agents.train import PPOSettings, RunConfig, train
+from perception.errors import PerceptionError
+
+SHORT_NAMES = {name: f"MultiMNIST-{name}-v0" for name in ("Count", "Collect", "OddOneOut")}
+FINAL_WINDOW = 4  # training iterations averaged for the final return
+
+
+def _env_id(name: str) -> str:
+    return SHORT_NAMES.get(name, name)
+
+
+def _tag(encoder: str) -> str:
+    return Path(encoder).stem if encoder.endswith((".pt", ".onnx")) else Path(encoder).name
+
+
+def run_learning(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    runs: list[dict[str, Any]] = []
+    try:
+        for env in args.envs:
+            for encoder in args.encoders:
+                for seed in range(args.seeds):
+                    source = ObservationSource(_env_id(env), encoder, backend=args.backend, env_kwargs=args.env_kwargs)
+                    run_dir = out / "runs" / f"{env}-{_tag(encoder)}-s{seed}"
+                    run = RunConfig(source, args.timesteps, seed, PPOSettings(num_envs=args.num_envs))
+                    record: dict[str, Any] = {"env": env, "encoder": encoder, "seed": seed, "dir": str(run_dir)}
+                    try:
+                        resume = (run_dir / "checkpoint").exists()
+                        history = train(run, run_dir, resume=resume, progress=not args.no_progress)
+                    except Exception as exc:  # a failed run is a result too: record it, keep going
+                        record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                        print(f"{env} {encoder} seed {seed}: FAILED {record['error']}", file=sys.stderr)
+                    else:
+                        finals = [h["episode_return_mean"] for h in history[-FINAL_WINDOW:]]
+                        record.update(
+                            final_return=float(np.mean(finals)),
+                            env_steps=history[-1]["env_steps"],
+                            wall_s=history[-1]["wall_s"],
+                            curve=[[h["env_steps"], h["episode_return_mean"]] for h in history],
+                        )
+                        print(f"{env} {encoder} seed {seed}: final return {record['final_return']:.3f} "
+                              f"({record['env_steps']:.0f} steps, {record['wall_s']:.0f} s)", flush=True)
+                    runs.append(record)
+    finally:
+        ray.shutdown()
+    summary = summarize_runs(runs)
+    result = {
+        "command": args.command, "timesteps": args.timesteps, "seeds": args.seeds, "summary": summary, "runs": runs
+    }  # fmt: skip
+    (out / "learning.json").write_text(json.dumps(result, indent=2))
+    plot_curves(runs, out)
+    return result
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    summary: dict[str, dict[str, Any]] = {}
+    for env in dict.fromkeys(r["env"] for r in runs):
+        per_encoder = {}
+        for encoder in dict.fromkeys(r["encoder"] for r in runs if r["env"] == env):
+            mine = [r for r in runs if r["env"] == env and r["encoder"] == encoder]
+            finals = [r["final_return"] for r in mine if "final_return" in r]
+            per_encoder[encoder] = {
+                "final_return_mean": float(np.mean(finals)) if finals else math.nan,
+                "final_return_per_seed": finals,
+                "failed_runs": sum(1 for r in mine if "error" in r),
+            }
+        oracle = per_encoder.get("oracle", {}).get("final_return_mean", math.nan)
+        for stats in per_encoder.values():
+            usable = oracle and math.isfinite(oracle)
+            stats["fraction_of_oracle"] = stats["final_return_mean"] / oracle if usable else math.nan
+        summary[env] = per_encoder
+    return summary
+
+
+def plot_curves(runs: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for env in dict.fromkeys(r["env"] for r in runs):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, encoder in enumerate(dict.fromkeys(r["encoder"] for r in runs if r["env"] == env)):
+            for j, r in enumerate(r for r in runs if r["env"] == env and r["encoder"] == encoder and "curve" in r):
+                curve = np.array(r["curve"], dtype=float)
+                ax.plot(curve[:, 0], curve[:, 1], color=f"C{i}", alpha=0.8, label=_tag(encoder) if j == 0 else None)
+        ax.set(xlabel="env steps", ylabel="mean episode return per iteration", title=env)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"curves-{env}.png", dpi=100)
+        plt.close(fig)
+
+
+def _onnx_file(encoder: str, out: Path) -> str:
+    if encoder.endswith(".onnx") or not (encoder.endswith(".pt") or Path(encoder).is_dir()):
+        return encoder  # an ONNX file or a bundled name
+    from export import export_onnx
+
+    target = out / "onnx" / f"{_tag(encoder)}.onnx"
+    export_onnx(encoder, target, overwrite=True)
+    return str(target)
+
+
+def run_throughput(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    import envs
+    from envs.encoders import OnnxBackend
+
+    rows = []
+    for encoder in args.encoders:
+        if encoder in ("pixels", "oracle"):
+            continue
+        backend = OnnxBackend(_onnx_file(encoder, out), device="cpu", threads=args.threads)
+        for env in args.envs:
+            for num_envs in args.batch_sizes:
+                raw = envs.make_vector_env(_env_id(env), num_envs, **args.env_kwargs)
+                wrapped = envs.make_vector_env(
+                    _env_id(env), num_envs, encoder=backend, backend="onnx", **args.env_kwargs
+                )
+                t = _interleaved_timings(raw, wrapped, backend, args.steps)
+                row = {
+                    "env": env, "encoder": encoder, "num_envs": num_envs, "threads": args.threads,
+                    "env_steps_per_s": num_envs / t["wrapped"],
+                    "raw_env_steps_per_s": num_envs / t["env"],
+                    **{f"t_{k}_ms": 1e3 * v for k, v in t.items()},
+                    "wrapper_overhead": (t["wrapped"] - t["env"] - t["encoder"]) / t["encoder"],
+                    "conversion_overhead": (t["converter"] - t["encoder"]) / t["encoder"],
+                }  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    result = {"command": args.command, "rows": rows}
+    (out / "throughput.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _interleaved_timings(raw, wrapped, backend, steps: int, rounds: int = 5) -> dict[str, float]:
+    """Median seconds per vector step of the raw env, the wrapped env, the encoder alone, and
+    the wrapper's converter alone (uint8 images -> slot dict, encoder call included).
+
+    They are timed in alternating short rounds, so that load from other processes on a shared
+    machine hits them alike, and the median over rounds discards bursts."""
+    per_round = max(1, steps // rounds)
+    for vec in (raw, wrapped):
+        vec.reset(seed=0)
+        vec.action_space.seed(0)
+    times: dict[str, list[float]] = {"env": [], "wrapped": [], "encoder": [], "converter": []}
+    for _ in range(rounds):
+        images = []
+        start = time.perf_counter()
+        for _ in range(per_round):
+            images.append(np.array(raw.step(raw.action_space.sample())[0]))
+        times["env"].append((time.perf_counter() - start) / per_round)
+        start = time.perf_counter()
+        for _ in range(per_round):
+            wrapped.step(wrapped.action_space.sample())
+        times["wrapped"].append((time.perf_counter() - start) / per_round)
+        batches = [img.astype(np.float32) / 255.0 for img in images]  # the encoder's input, made outside the clock
+        start = time.perf_counter()
+        for batch in batches:
+            backend(batch)
+        times["encoder"].append((time.perf_counter() - start) / per_round)
+        start = time.perf_counter()
+        for image in images:
+            wrapped.converter(image)
+        times["converter"].append((time.perf_counter() - start) / per_round)
+    raw.close()
+    wrapped.close()
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m agents.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", default="Count,Collect", help="comma-separated: Count, Collect, OddOneOut or env ids")
+    parser.add_argument("--encoders", default="pixels,vae,oracle", help="comma-separated: pixels, oracle, names, paths")
+    parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--timesteps", type=int, default=20_000)
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--throughput", action="store_true", help="measure VectorObjectSlots throughput instead")
+    parser.add_argument("--batch-sizes", default="16,64", help="--throughput: numbers of sub-envs")
+    parser.add_argument("--steps", type=int, default=200, help="--throughput: timed vector steps")
+    parser.add_argument("--threads", type=int, default=2, help="--throughput: onnxruntime intra-op threads")
+    parser.add_argument("--out", default="bench_results/agents")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    args.envs = [e for e in args.envs.split(",") if e]
+    args.encoders = [e for e in args.encoders.split(",") if e]
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.env_kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
+    args.command = "python -m agents.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # the machine is shared; the learner is small
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.throughput:
+            run_throughput(args, out)
+        else:
+            result = run_learning(args, out)
+            print(json.dumps(result["summary"], indent=2))
+    except PerceptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

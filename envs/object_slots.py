@@ -1,0 +1,126 @@
+"""Observation wrappers that replace images by a frozen encoder's object slots.
+
+Observation: ``Dict(slots=Box(-bound, bound, (K, D)), mask=Box(0, 1, (K,)))``, float32.
+
+* ``representation="slots"``: each row is the encoder's slot vector followed by its position
+  (x, y in [-1, 1]), so every model exposes where its objects are, whatever its slot layout;
+  ``D = len(slot_layout) + 2``. Values are clipped to ``[-bound, bound]`` (``SLOT_BOUND = 10``:
+  latent means of the bundled models are well inside it; the clip only keeps the Box finite).
+* ``representation="prototypes"`` (prototype models, which output ``class_probs``): each row is
+  the one-hot of the argmax class followed by the position, ``D = num_classes + 2`` — the
+  same layout as the oracle's first columns.
+* ``mask`` is 1 where the encoder's presence > 0.5, else 0 (the count rule used by the
+  perception metrics); rows with mask 0 are kept (agents mask them) so the shape is fixed.
+
+:class:`ObjectSlots` encodes one image per step; :class:`VectorObjectSlots` encodes all
+sub-environments of a vector env in one batched encoder call per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector.utils import batch_space
+
+from envs.encoders import make_backend
+from perception.errors import InputError, PerceptionError
+
+SLOT_BOUND = 10.0
+REPRESENTATIONS = ("slots", "prototypes")
+
+
+class SlotConverter:
+    """uint8 (or float [0, 1]) image batches -> slot dicts, for one encoder and representation."""
+
+    def __init__(
+        self, image_space: gym.Space, encoder: Any, backend: str, representation: str, bound: float = SLOT_BOUND
+    ) -> None:
+        if representation not in REPRESENTATIONS:
+            raise PerceptionError(f"unknown representation '{representation}'; valid: {', '.join(REPRESENTATIONS)}")
+        self.encoder = make_backend(encoder, backend)
+        if not isinstance(image_space, spaces.Box) or tuple(image_space.shape) != self.encoder.image_shape:
+            got = list(image_space.shape) if isinstance(image_space, spaces.Box) else type(image_space).__name__
+            raise InputError(
+                f"the encoder expects images of shape {list(self.encoder.image_shape)} (C, H, W), "
+                f"the environment observes {got}"
+            )
+        if representation == "prototypes" and not self.encoder.has_class_probs:
+            raise PerceptionError(
+                "representation='prototypes' needs a prototype model (one that outputs class_probs); "
+                "this encoder has none, use representation='slots'"
+            )
+        self.scale = 1.0 / 255.0 if image_space.dtype == np.uint8 else 1.0
+        self.representation = representation
+        self.bound = float(bound)
+        probe = self.encoder(np.zeros((1, *self.encoder.image_shape), np.float32))
+        k = probe["slots"].shape[1]
+        d = (probe["class_probs"].shape[-1] if representation == "prototypes" else probe["slots"].shape[-1]) + 2
+        self.space = spaces.Dict(
+            {
+                "slots": spaces.Box(-self.bound, self.bound, (k, d), np.float32),
+                "mask": spaces.Box(0.0, 1.0, (k,), np.float32),
+            }
+        )
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.asarray(images, np.float32) * np.float32(self.scale)
+        out = self.encoder(x)
+        if self.representation == "prototypes":
+            probs = out["class_probs"]
+            features = np.eye(probs.shape[-1], dtype=np.float32)[probs.argmax(-1)]
+        else:
+            features = out["slots"].astype(np.float32)
+        slots = np.concatenate([features, out["position"].astype(np.float32)], axis=-1)
+        return {
+            "slots": np.clip(slots, -self.bound, self.bound),
+            "mask": (out["presence"] > 0.5).astype(np.float32),
+        }
+
+
+class ObjectSlots(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """One environment's image observation -> the frozen encoder's slots (see module doc).
+
+    Records its constructor arguments so that ``env.spec.make()`` (and ``check_env``) can
+    rebuild the wrapped environment."""
+
+    def __init__(
+        self,
+        env: gym.Env,
+        encoder: Any = "vae",
+        backend: str = "onnx",
+        representation: str = "slots",
+        bound: float = SLOT_BOUND,
+    ) -> None:
+        gym.utils.RecordConstructorArgs.__init__(
+            self, encoder=encoder, backend=backend, representation=representation, bound=bound
+        )
+        gym.ObservationWrapper.__init__(self, env)
+        self.converter = SlotConverter(env.observation_space, encoder, backend, representation, bound)
+        self.observation_space = self.converter.space
+
+    def observation(self, observation: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.converter(observation[None])
+        return {k: v[0] for k, v in out.items()}
+
+
+class VectorObjectSlots(gym.vector.VectorObservationWrapper):
+    """All sub-environments' images -> slots with ONE batched encoder call per reset/step."""
+
+    def __init__(
+        self,
+        env: gym.vector.VectorEnv,
+        encoder: Any = "vae",
+        backend: str = "onnx",
+        representation: str = "slots",
+        bound: float = SLOT_BOUND,
+    ) -> None:
+        super().__init__(env)
+        self.converter = SlotConverter(env.single_observation_space, encoder, backend, representation, bound)
+        self.single_observation_space = self.converter.space
+        self.observation_space = batch_space(self.converter.space, env.num_envs)
+
+    def observations(self, observations: np.ndarray) -> dict[str, np.ndarray]:
+        return self.converter(observations)

@@ -1,0 +1,138 @@
+"""Agents: the slot-set module's invariances, the RLlib env creator, and tiny PPO runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core.columns import Columns
+
+import envs
+from agents.environment import ObservationSource, rllib_env_creator
+from agents.modules import PixelCNNModule, SlotSetModule
+from perception.models import build_model
+from perception.train.checkpoint import atomic_save, encoder_state
+
+K, D = 5, 7
+
+
+def slot_module(**config) -> SlotSetModule:
+    space = gym.spaces.Dict(
+        {"slots": gym.spaces.Box(-10, 10, (K, D), np.float32), "mask": gym.spaces.Box(0, 1, (K,), np.float32)}
+    )
+    torch.manual_seed(0)
+    return SlotSetModule(observation_space=space, action_space=gym.spaces.Discrete(4), model_config=config)
+
+
+def outputs(module, slots, mask):
+    batch = {Columns.OBS: {"slots": slots, "mask": mask}}
+    with torch.no_grad():
+        return module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS], module.compute_values(batch)
+
+
+def test_set_module_is_permutation_invariant_and_ignores_masked_slots():
+    module = slot_module(hidden=32, heads=4, layers=2)
+    g = torch.Generator().manual_seed(1)
+    slots = torch.randn(6, K, D, generator=g)
+    mask = (torch.rand(6, K, generator=g) > 0.4).float()
+    mask[0] = 0.0  # a scene with no objects at all
+    logits, values = outputs(module, slots, mask)
+    assert logits.shape == (6, 4) and values.shape == (6,)
+    assert torch.isfinite(logits).all() and torch.isfinite(values).all()
+
+    perm = torch.randperm(K, generator=g)
+    p_logits, p_values = outputs(module, slots[:, perm], mask[:, perm])
+    torch.testing.assert_close(p_logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p_values, values, atol=1e-5, rtol=1e-5)
+
+    noise = torch.randn(6, K, D, generator=g) * (1 - mask).unsqueeze(-1)
+    n_logits, n_values = outputs(module, slots + noise, mask)
+    torch.testing.assert_close(n_logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(n_values, values, atol=1e-5, rtol=1e-5)
+
+
+def test_set_module_sees_how_many_identical_objects_there_are():
+    module = slot_module(hidden=16, heads=2, layers=1)
+    slots = torch.ones(2, K, D)
+    mask = torch.tensor([[1.0, 0, 0, 0, 0], [1.0, 1, 0, 0, 0]])
+    logits, _ = outputs(module, slots, mask)
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_pixel_module_reads_uint8_images():
+    space = gym.spaces.Box(0, 255, (1, 64, 64), np.uint8)
+    module = PixelCNNModule(observation_space=space, action_space=gym.spaces.Discrete(4), model_config={"hidden": 16})
+    images = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = module.forward_inference({Columns.OBS: images})[Columns.ACTION_DIST_INPUTS]
+        values = module.compute_values({Columns.OBS: images})
+    assert logits.shape == (3, 4) and values.shape == (3,) and torch.isfinite(logits).all()
+
+
+@pytest.fixture(scope="module")
+def vae_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("vae", {"latent_dim": 8, "channels": 8}, (1, 64, 64))
+    path = tmp_path_factory.mktemp("agents") / "vae.pt"
+    atomic_save(encoder_state(model, "untrained"), path)
+    return str(path)
+
+
+def test_env_creator_builds_a_batched_slot_vector_env(vae_checkpoint):
+    config = ObservationSource("MultiMNIST-Collect-v0", vae_checkpoint).as_config()
+    vec = rllib_env_creator({**config, "num_envs": 3})
+    assert isinstance(vec, envs.VectorObjectSlots) and vec.num_envs == 3
+    obs, _ = vec.reset(seed=0)
+    assert obs["slots"].shape == (3, 1, 10)
+    single = rllib_env_creator(config)
+    assert isinstance(single, envs.ObjectSlots)
+    oracle = rllib_env_creator({**ObservationSource("MultiMNIST-Count-v0", "oracle").as_config(), "num_envs": 2})
+    assert oracle.single_observation_space["slots"].shape == (3, len(envs.ORACLE_LAYOUT))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+TINY = dict(num_envs=4, train_batch=128, minibatch=64, epochs=1, hidden=16)
+
+
+def test_ppo_trains_checkpoints_and_resumes(ray_session, tmp_path):
+    from agents.train import PPOSettings, RunConfig, train
+
+    run = RunConfig(ObservationSource("MultiMNIST-Count-v0", "oracle"), timesteps=128, ppo=PPOSettings(**TINY))
+    history = train(run, tmp_path, progress=False)
+    assert len(history) == 1 and history[0]["env_steps"] >= 128
+    assert math.isfinite(history[0]["episode_return_mean"])
+    assert (tmp_path / "checkpoint").is_dir() and (tmp_path / "tb").is_dir()
+
+    run.timesteps = 256
+    history = train(run, tmp_path, resume=True, progress=False)
+    assert len(history) == 2 and history[-1]["env_steps"] >= 256
+    lines = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["env_steps"] for line in lines] == [h["env_steps"] for h in history]
+
+
+@pytest.mark.parametrize("encoder", ["vae", "pixels"])
+def test_ppo_iteration_on_slots_and_pixels(ray_session, vae_checkpoint, encoder):
+    from agents.train import PPOSettings, RunConfig, build_algorithm, summarize
+
+    name = vae_checkpoint if encoder == "vae" else encoder
+    source = ObservationSource("MultiMNIST-Collect-v0", name, backend="torch")
+    algo = build_algorithm(RunConfig(source, timesteps=128, ppo=PPOSettings(**TINY)))
+    try:
+        row = summarize(algo.train())
+        learner = algo.train()["learners"]["default_policy"]
+    finally:
+        algo.stop()
+    assert row["env_steps"] >= 128
+    assert math.isfinite(learner["total_loss"]) and math.isfinite(learner["vf_loss"])

@@ -1,0 +1,159 @@
+"""ObjectSlots / VectorObjectSlots: contract, backends, batching and clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from perception.contract import Encoder, EncoderOutput, ModelLoss
+from perception.errors import InputError, PerceptionError
+from perception.models import build_model
+from perception.train.checkpoint import atomic_save, encoder_state
+
+
+@pytest.fixture(scope="module")
+def vae_files(tmp_path_factory):
+    """An (untrained) vae as a torch checkpoint and, when export exists, an ONNX file."""
+    torch.manual_seed(0)
+    model = build_model("vae", {"latent_dim": 8, "channels": 8}, (1, 64, 64)).eval()
+    root = tmp_path_factory.mktemp("vae")
+    atomic_save(encoder_state(model, "untrained"), root / "vae.pt")
+    onnx_path = None
+    try:
+        from export import export_onnx
+    except ImportError:
+        pass
+    else:
+        onnx_path = export_onnx(model, root / "vae.onnx").path
+    return {"torch": root / "vae.pt", "onnx": onnx_path, "model": model}
+
+
+def _encoder_for(vae_files, backend):
+    if vae_files[backend] is None:
+        pytest.skip("the export package cannot export ONNX yet")
+    return str(vae_files[backend])
+
+
+def make(env_id: str, **kwargs) -> gym.Env:
+    return gym.make(env_id, disable_env_checker=True, **kwargs)
+
+
+@dataclass
+class _NoConfig:
+    pass
+
+
+class FakePrototypes(Encoder):
+    """Two slots whose class scores and positions are simple functions of the image."""
+
+    Config = _NoConfig
+    name = "fake-prototypes"
+
+    @property
+    def num_slots(self) -> int:
+        return 2
+
+    @property
+    def slot_layout(self) -> list[str]:
+        return ["mean"]
+
+    @property
+    def num_classes(self) -> int:
+        return 3
+
+    def encode(self, images, deterministic=True):
+        n = images.shape[0]
+        m = images.mean(dim=(1, 2, 3))
+        logits = torch.stack([torch.stack([m, -m, m * 0], -1), torch.stack([-m, m, m * 0 + 1e-3], -1)], 1)
+        return EncoderOutput(
+            slots=m[:, None, None].expand(n, 2, 1),
+            presence=torch.tensor([0.9, 0.2]).expand(n, 2),
+            position=torch.tensor([[0.5, -0.5], [0.0, 0.25]]).expand(n, 2, 2),
+            class_probs=logits.softmax(-1),
+        )
+
+    def loss(self, batch, step):
+        return ModelLoss(torch.zeros(()), {})
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("env_id", envs.ENV_IDS)
+def test_check_env_through_the_wrapper(vae_files, env_id, backend):
+    env = envs.ObjectSlots(make(env_id), encoder=_encoder_for(vae_files, backend), backend=backend)
+    check_env(env, skip_render_check=True)
+    assert env.observation_space["slots"].shape == (1, 8 + 2)
+    assert np.isfinite(env.observation_space["slots"].low).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_slots_are_the_encoder_output(vae_files, backend):
+    env = envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=_encoder_for(vae_files, backend), backend=backend)
+    obs, _ = env.reset(seed=2)
+    image = torch.from_numpy(env.unwrapped.image()[None].astype(np.float32) / 255.0)
+    with torch.no_grad():
+        ref = vae_files["model"].encode(image)
+    expected = torch.cat([ref.slots, ref.position], -1)[0].clamp(-envs.SLOT_BOUND, envs.SLOT_BOUND).numpy()
+    np.testing.assert_allclose(obs["slots"], expected, atol=1e-4)
+    np.testing.assert_array_equal(obs["mask"], (ref.presence[0] > 0.5).float().numpy())
+
+
+def test_prototypes_give_argmax_one_hot_and_position():
+    env = envs.ObjectSlots(
+        make("MultiMNIST-Count-v0"), encoder=FakePrototypes(_NoConfig(), (1, 64, 64)), backend="torch",
+        representation="prototypes",
+    )
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space["slots"].shape == (2, 3 + 2)
+    assert obs["slots"][:, :3].sum(1).tolist() == [1.0, 1.0]
+    np.testing.assert_allclose(obs["slots"][:, 3:], [[0.5, -0.5], [0.0, 0.25]])
+    assert obs["mask"].tolist() == [1.0, 0.0]  # presence 0.9 and 0.2, threshold 0.5
+    check_env(env, skip_render_check=True)
+
+
+def test_prototypes_without_class_probs_is_a_clear_error(vae_files):
+    with pytest.raises(PerceptionError, match="class_probs"):
+        envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=str(vae_files["torch"]), backend="torch",
+                         representation="prototypes")
+
+
+def test_image_shape_mismatch_is_an_input_error():
+    small = build_model("vae", {"latent_dim": 4, "channels": 4}, (1, 32, 32))
+    with pytest.raises(InputError, match=r"\[1, 32, 32\].*\[1, 64, 64\]"):
+        envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=small, backend="torch")
+    with pytest.raises(InputError):
+        envs.ObjectSlots(make("MultiMNIST-Count-v0", obs_mode="oracle"), encoder=small, backend="torch")
+
+
+def test_backend_and_file_kind_mismatch_are_clear_errors(vae_files):
+    with pytest.raises(PerceptionError, match="backend"):
+        envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=str(vae_files["torch"]), backend="tensorflow")
+    with pytest.raises(PerceptionError, match="onnx"):
+        envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=str(vae_files["torch"]), backend="onnx")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_vector_wrapper_encodes_all_envs_in_one_call(vae_files, backend):
+    num_envs = 4
+    encoder = _encoder_for(vae_files, backend)
+    vec = envs.make_vector_env("MultiMNIST-Collect-v0", num_envs, encoder=encoder, backend=backend)
+    calls = []
+    inner = vec.converter.encoder
+    vec.converter.encoder = lambda images: calls.append(images.shape[0]) or inner(images)
+
+    obs, _ = vec.reset(seed=7)
+    vec.action_space.seed(0)
+    for _ in range(5):
+        obs, *_ = vec.step(vec.action_space.sample())
+    assert calls == [num_envs] * 6  # reset + 5 steps, each one batched call
+    assert obs["slots"].shape == (num_envs, 1, 10) and vec.observation_space.contains(obs)
+
+    single = envs.ObjectSlots(make("MultiMNIST-Collect-v0"), encoder=inner, backend=backend)
+    first, _ = single.reset(seed=7)
+    vec_first, _ = vec.reset(seed=7)
+    np.testing.assert_allclose(vec_first["slots"][0], first["slots"], atol=1e-5)
