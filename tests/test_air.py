@@ -1,0 +1,165 @@
+"""AIR and DAIR: the contract, every estimator, overfitting, raising K, and where objects land."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perception.contract import unit_to_pixels
+from perception.data import make_dataset
+from perception.models import build_model
+from perception.models.air import AIR
+from perception.nn.glimpse import cut, paste, warp_affine
+from perception.nn.spatial_transformer import affine_from_params, affine_matrix, crop, warp
+
+ESTIMATORS = ["reinforce", "nvil", "concrete", "rebar", "relax", "exact"]
+TINY = {"hidden": 32, "embed": 32, "mlp": 32, "what_dim": 4, "input_pool": 4}
+SHAPE = (1, 64, 64)
+
+
+def images(n: int = 4, seed: int = 0, **options) -> torch.Tensor:
+    scenes = make_dataset("multi-mnist", split="train", size=n, seed=seed, **options)
+    return torch.from_numpy(scenes.float_images())
+
+
+def tiny(name: str, **options) -> AIR:
+    torch.manual_seed(0)
+    return build_model(name, {**TINY, **options}, SHAPE)
+
+
+def inference_grad(model: AIR) -> float:
+    return sum(float(p.grad.abs().sum()) for p in model.rnn.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["air", "dair"])
+def test_contract_shapes_and_determinism(name):
+    model = tiny(name).eval()
+    x = images(5)
+    out = model.encode(x)
+    k = model.num_slots
+    assert out.slots.shape == (5, k, len(model.slot_layout))
+    assert out.presence.shape == (5, k) and out.position.shape == (5, k, 2)
+    assert ((out.presence >= 0) & (out.presence <= 1)).all()
+    if name == "dair":
+        assert out.class_probs.shape == (5, k, model.num_classes)
+        assert torch.allclose(out.class_probs.sum(-1), torch.ones(5, k))
+        assert model.slot_layout[-model.num_classes:] == [f"class_{i}" for i in range(model.num_classes)]
+    else:
+        assert out.class_probs is None and model.num_classes is None
+    again = model.encode(x)
+    for key, value in out.as_dict().items():
+        assert torch.equal(value, again.as_dict()[key]), key
+
+
+def test_once_a_step_is_off_later_steps_are_off():
+    model = tiny("air").eval()
+    with torch.no_grad():  # step 0 on, step 1 off: step 2 must be off whatever its own logit
+        model.pres_head.bias.fill_(0.0)
+        model.pres_head.weight.zero_()
+    presence = model.encode(images(3)).presence  # every p_t = 0.5 -> off from step 0
+    assert (presence <= 0.5).all()
+    counts = (presence > 0.5).sum(1)
+    off = presence <= 0.5
+    assert (off.cummax(1).values == off).all() and (counts == 0).all()
+
+
+def test_count_distribution_is_normalised():
+    logits = torch.randn(6, 3) * 3
+    log_q = AIR.count_log_probs(logits)
+    assert torch.allclose(log_q.logsumexp(-1), torch.zeros(6), atol=1e-5)
+    p = torch.sigmoid(logits)
+    assert torch.allclose(log_q[:, 1].exp(), p[:, 0] * (1 - p[:, 1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_estimator_trains_air(estimator):
+    model = tiny("air", estimator=estimator).train()
+    result = model.loss({"image": images(4)}, step=0)
+    assert torch.isfinite(result.loss)
+    result.loss.backward()
+    assert inference_grad(model) > 0
+    assert float(model.pres_head.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_class_estimator_trains_dair(estimator):
+    model = tiny("dair", class_estimator=estimator).train()
+    result = model.loss({"image": images(4)}, step=0)
+    assert torch.isfinite(result.loss)
+    result.loss.backward()
+    assert inference_grad(model) > 0
+    assert float(model.objects.prototypes.grad.abs().sum()) > 0
+
+
+def test_overfits_one_digit_scenes():
+    model = tiny("air", estimator="exact", pres_anneal_steps=100).train()
+    x = images(8, min_digits=1, max_digits=1)
+    perfect = float(model.gaussian_nll(x, x).mean())  # the likelihood's floor
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    excess = []
+    for step in range(150):
+        result = model.loss({"image": x}, step)
+        opt.zero_grad()
+        result.loss.backward()
+        opt.step()
+        excess.append(result.metrics["neg_elbo"] - perfect)
+    first, last = sum(excess[:5]) / 5, sum(excess[-10:]) / 10
+    assert last < 0.65 * first
+
+
+def test_raising_k_at_test_time():
+    model = tiny("air").eval()
+    x = images(2)
+    assert model.encode(x, max_steps=5).slots.shape[1] == 5
+    bigger = model.with_max_objects(5)
+    assert bigger.num_slots == 5 and model.num_slots == 3
+    out = bigger.encode(x)
+    assert out.presence.shape == (2, 5)
+    assert torch.equal(out.position[:, :3], model.encode(x).position)  # same first steps
+
+
+@pytest.mark.parametrize("where", [(-0.5, 0.25), (0.4, -0.6)])
+def test_decoder_places_the_object_at_position(where):
+    model = tiny("air").eval()
+    with torch.no_grad():  # a fixed z_where and a bright square appearance
+        model.where_head.weight.zero_()
+        model.where_head.bias[:3] = torch.tensor([torch.log(torch.tensor(0.25)), *where])
+        model.objects.decoder[-1].weight.zero_()
+        model.objects.decoder[-1].bias.fill_(10.0)
+        model.pres_head.weight.zero_()
+        model.pres_head.bias.fill_(5.0)
+    x = torch.zeros(1, *SHAPE)
+    out = model.encode(x, max_steps=1)
+    assert torch.allclose(out.position[0, 0], torch.tensor(where))
+    drawn = model.visualize(x)["step_0"][0, 0]
+    ys, xs = torch.meshgrid(torch.arange(64.0) + 0.5, torch.arange(64.0) + 0.5, indexing="ij")
+    mass = drawn.sum()
+    centre = torch.stack([(drawn * xs).sum() / mass, (drawn * ys).sum() / mass])
+    assert torch.allclose(centre, unit_to_pixels(out.position[0, 0], 64), atol=0.5)
+    assert abs(float((drawn > 0.5).sum()) - 16 * 16) < 40  # scale 0.25 of 64 px: a 16 px square
+
+
+def test_fast_glimpses_match_the_spatial_transformer():
+    torch.manual_seed(0)
+    canvas, objects = torch.rand(4, 1, 64, 64), torch.rand(4, 1, 20, 20)
+    scale, centre = torch.rand(4) * 0.3 + 0.2, torch.rand(4, 2) * 1.6 - 0.8
+    m = affine_matrix(scale, centre)
+    assert torch.allclose(cut(canvas, scale, centre, (20, 20)), crop(canvas, m, (20, 20)), atol=1e-5)
+    assert torch.allclose(paste(objects, scale, centre, (64, 64)), warp(objects, m, (64, 64)), atol=1e-5)
+    general = affine_from_params(torch.randn(4, 6) * 0.3)
+    assert torch.allclose(warp_affine(objects, general), warp(objects, general), atol=1e-5)
+
+
+def test_dair_starts_from_an_air_checkpoint(tmp_path):
+    from perception.train.checkpoint import atomic_save, encoder_state
+
+    air = tiny("air")
+    atomic_save(encoder_state(air, "test"), tmp_path / "air.pt")
+    dair = tiny("dair", init_from=str(tmp_path / "air.pt")).train()
+    dair.loss({"image": images(16)}, step=0)  # enough present glimpses for k-means++
+    assert torch.equal(dair.where_head.weight, air.where_head.weight)
+    assert bool(dair.warm_started) and bool(dair.objects.initialised)
+    with pytest.raises(Exception, match="not an AIR checkpoint"):
+        other = tiny("dair", init_from=str(tmp_path / "dair.pt"))
+        atomic_save(encoder_state(dair, "test"), tmp_path / "dair.pt")
+        other.train().loss({"image": images(4)}, step=0)
