@@ -140,7 +140,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         (["--estimator", "nope"], "unknown estimator 'nope'; valid: "),
         (["--model", "vae", "--estimator", "reinforce"], "has no discrete latent"),
         (["--data-dir", "/does/not/exist"], "/does/not/exist"),
-        (["--model-option", "no_such_option=3"], "unknown model 'vae' option(s) no_such_option; valid: "),
+        (["--model", "vae", "--model-option", "no_such_option=3"], "unknown model 'vae' option(s) no_such_option; valid: "),
     ],
 )
 def test_pretrain_cli_bad_input_is_one_clear_line(tmp_path, args, message):

@@ -14,8 +14,14 @@ from perception.registry import Registry
 
 MODELS: Registry[str] = Registry("model")
 MODELS.register("vae")("perception.models.vae:ConvVAE")
+MODELS.register("monet")("perception.models.monet:MONet")
+MODELS.register("iodine")("perception.models.iodine:IODINE")
+MODELS.register("dvae")("perception.models.dvae:DVAE")
+MODELS.register("dvaest")("perception.models.dvaest:DVAEST")
+MODELS.register("air")("perception.models.air:AIR")
+MODELS.register("dair")("perception.models.dair:DAIR")
+MODELS.register("lavae")("perception.models.lavae:LAVAE")
 
-DEFAULT_MODEL = "vae"
 
 
 def model_class(name: str) -> type[Encoder]:

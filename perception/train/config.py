@@ -9,12 +9,14 @@ from typing import Any
 
 @dataclass
 class TrainConfig:
-    model: str = "vae"
+    # Defaults: the bundled AIR's recipe (perception/pretrained/air.md), so that
+    # `python -m perception.pretrain` alone reproduces the default encoder.
+    model: str = "air"
     dataset: str = "multi-mnist"
     estimator: str | None = None  # None: the model's default
-    steps: int = 5000
-    batch_size: int = 64
-    lr: float = 1e-3
+    steps: int = 10000
+    batch_size: int = 32
+    lr: float = 5e-4
     grad_clip: float | None = 10.0
     seed: int = 0
     device: str = "auto"

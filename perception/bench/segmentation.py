@@ -1,0 +1,246 @@
+"""``python -m perception.bench segmentation``: unsupervised segmentation with MONet / IODINE.
+
+Each seed trains the model with the shared trainer, then scores the final weights on held-out
+scenes (the trainer's fixed evaluation seed): foreground ARI, ARI, Hungarian mIoU, duplicate
+rate, mean pairwise cosine of present slots, count accuracy (all from
+``perception.metrics.evaluate_encoder``) and the per-pixel MSE of the deterministic
+reconstruction; a PNG shows input, reconstruction and each slot's masked component. ``--lds``
+trains with the latent duplicate suppression prior; run with and without it to compare.
+
+``--cost`` trains nothing: it measures one training step's time and peak memory for the model
+at the paper's sizes and at this library's defaults (and the steps in between), each in a
+fresh process so that peak memory is the step's own.
+
+Examples::
+
+    python -m perception.bench segmentation --model monet --dataset tetris --seeds 3 --steps 3000
+    python -m perception.bench segmentation --model monet --lds --dataset tetris --seeds 3 --steps 3000
+    python -m perception.bench segmentation --model iodine --cost --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perception.cli import parse_options, run_cli
+from perception.metrics import summarise
+from perception.train.config import TrainConfig
+
+MODELS = ("monet", "iodine")
+DATASETS = ("multi-dsprites", "tetris", "multi-mnist")
+METRICS = (
+    "fg_ari", "ari", "miou", "mse", "duplicate_rate", "slot_cosine", "count_accuracy", "neg_elbo", "train_seconds",
+)
+
+# Per-dataset slot counts: the most objects a scene holds, plus one for the background.
+SLOTS = {"multi-dsprites": 6, "tetris": 4, "multi-mnist": 4}
+
+# IODINE at the scale of the paper's CLEVR networks (convolutions 64 ch x 4, MLP/LSTM 256).
+PAPER_IODINE = {"decoder_channels": 64, "decoder_layers": 4, "refine_channels": 64, "refine_layers": 4, "hidden": 256}
+# Cost variants, from the paper's sizes to this library's defaults, one change at a time.
+COST_VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "iodine": [
+        ("paper", {**PAPER_IODINE, "iterations": 5}),
+        ("paper, T=3 in training", {**PAPER_IODINE, "iterations": 3}),
+        ("T=3, decoder 32x3", {**PAPER_IODINE, "iterations": 3, "decoder_channels": 32, "decoder_layers": 3}),
+        ("default (T=3, decoder 32x3, refinement 32x3, LSTM 128)", {}),
+    ],
+    "monet": [
+        ("default (U-Net 32 ch x 4 levels, decoder 32 ch x 4)", {}),
+    ],
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m perception.bench segmentation", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="monet", choices=MODELS)
+    p.add_argument("--dataset", default="multi-dsprites", choices=DATASETS)
+    p.add_argument("--lds", action="store_true", help="train with the latent duplicate suppression prior")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--train-size", type=int, default=20000)
+    p.add_argument("--eval-size", type=int, default=500)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="model hyper-parameter (repeatable)")
+    p.add_argument("--cost", action="store_true", help="measure training-step cost instead of training")
+    p.add_argument("--out", default="bench_results/segmentation")
+    p.add_argument("--runs-dir", help="where run directories go (default OUT/runs)")
+    return p
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_slots": SLOTS[args.dataset]}
+    if args.lds:
+        options["lds"] = True
+    options.update(parse_options(args.model_option, "model"))
+    return options
+
+
+def variant_name(args: argparse.Namespace) -> str:
+    return f"{args.dataset}-{args.model}" + ("-lds" if args.lds else "")
+
+
+def save_decomposition(model: Any, images: torch.Tensor, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from perception.train.images import image_grid
+
+    model.eval()
+    with torch.no_grad():
+        rows = model.visualize(images)
+    plt.imsave(path, image_grid(list(rows.values())).permute(1, 2, 0).numpy())
+
+
+def reconstruction_mse(model: Any, images: torch.Tensor, batch: int = 100) -> float:
+    model.eval()
+    with torch.no_grad():
+        total = sum(
+            model.reconstruct(chunk)[0].sub(chunk).pow(2).mean().item() * len(chunk) for chunk in images.split(batch)
+        )
+    return float(total / len(images))
+
+
+def run_seed(args: argparse.Namespace, seed: int, run_dir: Path, png: Path) -> dict[str, Any]:
+    from perception.train.loop import train
+
+    cfg = TrainConfig(
+        model=args.model, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        seed=seed, device=args.device, train_size=args.train_size, eval_size=8,
+        checkpoint_every=max(1, args.steps // 4), log_every=max(1, args.steps // 50), image_every=0,
+        model_options=model_options(args),
+    )
+    start = time.perf_counter()
+    train(cfg, run_dir, progress=False)
+    result = score_run(cfg, run_dir, args.eval_size, png)
+    result.update(seed=seed, train_seconds=time.perf_counter() - start, steps=args.steps)
+    return result
+
+
+def score_run(cfg: TrainConfig, run_dir: Path, eval_size: int, png: Path) -> dict[str, Any]:
+    """Held-out metrics of a finished run's ``encoder.pt`` and its decomposition figure."""
+    from perception.metrics import evaluate_encoder
+    from perception.train.loop import EVAL_SEED, build_run_model, load_data, mean_model_metrics, resolve_device
+
+    state = torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=False)
+    device = resolve_device(cfg.device)
+    model = build_run_model(cfg, tuple(state["image_shape"])).to(device)
+    model.load_state_dict(state["state_dict"])
+    scenes = load_data(cfg, "test", eval_size, EVAL_SEED)
+    result = evaluate_encoder(model, scenes, batch_size=100, device=str(device))
+    images = torch.from_numpy(scenes.float_images()).to(device)
+    result["mse"] = reconstruction_mse(model, images)
+    result["neg_elbo"] = mean_model_metrics(model, scenes, device, batch_size=100)["neg_elbo"]
+    save_decomposition(model, images[:8], png)
+    return result
+
+
+# --- cost ------------------------------------------------------------------------------------
+def _cost_worker(spec: dict[str, Any]) -> dict[str, float]:
+    """One fresh process: build, warm up, then time ``repeats`` training steps."""
+    from perception.data import make_dataset
+    from perception.models import build_model
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    scenes = make_dataset(spec["dataset"], "train", spec["batch_size"], 0)
+    x = torch.from_numpy(scenes.float_images()).to(device)
+    model = build_model(spec["model"], spec["options"], scenes.image_shape).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = model.loss({"image": x}, 0).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up (allocator, kernels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, cpu_times = [], []
+    for _ in range(spec["repeats"]):
+        t, c = time.perf_counter(), time.process_time()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
+    out = {
+        "ms_per_step": 1000 * float(np.median(times)),
+        # CPU time is what a step costs on a shared machine, where wall time depends on the load
+        "cpu_ms_per_step": 1000 * float(np.median(cpu_times)),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024,
+        "parameters": float(sum(p.numel() for p in model.parameters())),
+    }
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    results = []
+    for label, options in COST_VARIANTS[args.model]:
+        spec = {
+            "model": args.model, "dataset": args.dataset, "batch_size": args.batch_size, "device": args.device,
+            "threads": args.threads, "repeats": 2, "options": {**model_options(args), **options},
+        }
+        with ctx.Pool(1) as pool:
+            row = pool.apply(_cost_worker, (spec,))
+        row.update(variant=label, options=spec["options"])
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return {"batch_size": args.batch_size, "device": args.device, "threads": args.threads, "variants": results}
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"command": "python -m perception.bench segmentation " + " ".join(argv)}
+    if args.cost:
+        report["cost"] = measure_cost(args)
+        path = out / f"cost-{args.dataset}-{args.model}-{args.device}.json"
+    else:
+        name = variant_name(args)
+        runs = Path(args.runs_dir) if args.runs_dir else out / "runs"
+        seeds = []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            result = run_seed(args, seed, runs / f"{name}-s{seed}", out / f"{name}-s{seed}.png")
+            print(json.dumps({"run": f"{name}-s{seed}", **result}), flush=True)
+            seeds.append(result)
+        report.update(
+            model_options=model_options(args), seeds=seeds,
+            summary={k: summarise(r[k] for r in seeds if k in r) for k in METRICS},
+        )
+        fg = report["summary"]["fg_ari"]
+        spread = f"min {fg['min']:.4f}, max {fg['max']:.4f}"
+        print(f"{name}: fg-ARI mean {fg['mean']:.4f} ({spread}) over {len(seeds)} seeds", flush=True)
+        suffix = f"-seeds{args.first_seed}-{args.first_seed + args.seeds - 1}" if args.first_seed else ""
+        path = out / f"{name}{suffix}.json"
+    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

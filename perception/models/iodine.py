@@ -1,0 +1,310 @@
+"""IODINE (Greff et al. 2019): a spatial mixture refined by learned iterative inference.
+
+Each of K slots has a Gaussian posterior ``lambda_k = (mu_k, logvar_k)``, starting from a
+trainable initial posterior shared by all slots (slots differ through their samples). A spatial
+broadcast decoder maps ``z_k`` to pixel means and mask logits; masks are a softmax over slots
+and pixels a Gaussian mixture with fixed ``sigma``. A refinement network (convolutions, an MLP,
+an LSTM) reads the paper's auxiliary inputs and updates ``lambda_k`` T times; the training loss
+is ``sum_t (t / T) L_t`` with ``L_t`` the negative ELBO after refinement ``t``.
+
+The gradients fed to the refinement network are computed without autograd, so the
+deterministic ``encode`` is plain tensor algebra (exportable to ONNX, runnable under
+``torch.no_grad``): w.r.t. means and masks they are closed-form for the mixture (see
+:func:`mixture_terms`), w.r.t. the posterior they are a hand-written vector-Jacobian product
+through the decoder (:meth:`SpatialBroadcastDecoder.vjp`) plus the Gaussian KL's own gradient.
+A test checks them against autograd.
+
+K and T may differ at test time (``test_slots``, ``test_iterations``, or the ``slots`` /
+``iterations`` arguments of :meth:`IODINE.encode`). In deterministic mode slot ``k``'s initial
+sample uses a fixed noise vector (a buffer, the same for every image) to break the slots'
+symmetry, and later steps decode posterior means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from perception.contract import Encoder, EncoderOutput, ModelLoss
+from perception.errors import PerceptionError
+from perception.models.lds import lds_penalty
+from perception.models.monet import gaussian_log_density, masks_to_contract
+from perception.nn.blocks import gaussian_kl
+from perception.nn.broadcast_decoder import SpatialBroadcastDecoder, coordinate_grid
+
+MAX_SLOTS = 32  # size of the fixed symmetry-breaking noise used by the deterministic encode
+MAX_RATIO_LOG = 30.0  # dL/dmask = -p_k / p(x) can overflow float32 where a slot's mask ~ 0
+
+
+@dataclass
+class IODINEConfig:
+    num_slots: int = 6
+    iterations: int = 3  # refinement steps in training
+    test_slots: int = 0  # 0: as in training
+    test_iterations: int = 5  # 0: as in training
+    latent_dim: int = 16
+    decoder_channels: int = 32
+    decoder_layers: int = 3
+    refine_channels: int = 32
+    refine_layers: int = 3
+    hidden: int = 128  # refinement MLP and LSTM width
+    sigma: float = 0.1
+    beta: float = 1.0
+    lds: bool = False
+    lds_weight: float = 1.0
+    presence_min_area: float = 0.004  # share of the image a slot's argmax mask must cover
+
+
+@dataclass
+class MixtureTerms:
+    """The mixture NLL and the quantities the refinement network reads (all ``[N, K, ...]``)."""
+
+    nll: Tensor  # [N], summed over pixels
+    log_masks: Tensor  # [N, K, H, W]
+    log_lik: Tensor  # [N, K, H, W]: log N(x; mean_k, sigma^2) over channels
+    log_mix: Tensor  # [N, 1, H, W]: log p(x) per pixel
+    responsibility: Tensor  # [N, K, H, W]: posterior mask
+
+
+def mixture_terms(x: Tensor, means: Tensor, mask_logits: Tensor, sigma: float) -> MixtureTerms:
+    log_masks = F.log_softmax(mask_logits, dim=1)
+    log_lik = gaussian_log_density(x.unsqueeze(1), means, sigma)
+    joint = log_masks + log_lik
+    log_mix = torch.logsumexp(joint, dim=1, keepdim=True)
+    return MixtureTerms(
+        nll=-log_mix.flatten(1).sum(1),
+        log_masks=log_masks,
+        log_lik=log_lik,
+        log_mix=log_mix,
+        responsibility=(joint - log_mix).exp(),
+    )
+
+
+def mixture_gradients(x: Tensor, means: Tensor, t: MixtureTerms, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed-form gradients of the NLL w.r.t. means ``[N,K,C,H,W]``, masks and mask logits ``[N,K,H,W]``.
+
+    With ``gamma_k`` the responsibilities: ``dL/dmean_k = -gamma_k (x - mean_k) / sigma^2``,
+    ``dL/dmask_k = -p_k / p(x)`` (masks as free variables, as autograd on the masks gives) and
+    ``dL/dlogit_k = mask_k - gamma_k`` (through the softmax).
+    """
+    d_means = -t.responsibility.unsqueeze(2) * (x.unsqueeze(1) - means) / sigma**2
+    d_masks = -(t.log_lik - t.log_mix).clamp(max=MAX_RATIO_LOG).exp()
+    d_logits = t.log_masks.exp() - t.responsibility
+    return d_means, d_masks, d_logits
+
+
+def leave_one_out(t: MixtureTerms) -> Tensor:
+    """log of the mixture likelihood without slot k, renormalised: ``[N, K, H, W]``."""
+    k = t.log_masks.shape[1]
+    joint = (t.log_masks + t.log_lik).unsqueeze(1).expand(-1, k, -1, -1, -1)  # [N, k, j, H, W]
+    ids = torch.arange(k, device=joint.device)
+    drop = (ids.view(k, 1) == ids.view(1, k)).view(1, k, k, 1, 1)  # not eye(bool): no ONNX Runtime kernel
+    others = torch.logsumexp(joint.masked_fill(drop, -1e9), dim=2)
+    rest = torch.logsumexp(t.log_masks.unsqueeze(1).expand(-1, k, -1, -1, -1).masked_fill(drop, -1e9), dim=2)
+    return others - rest
+
+
+def _layer_norm(x: Tensor) -> Tensor:
+    return F.layer_norm(x, x.shape[1:])
+
+
+class LSTMCell(nn.Module):
+    """Plain LSTM cell from linear layers (every ONNX exporter handles it)."""
+
+    def __init__(self, inputs: int, hidden: int):
+        super().__init__()
+        self.gates = nn.Linear(inputs + hidden, 4 * hidden)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        h, c = state
+        i, f, g, o = self.gates(torch.cat([x, h], dim=-1)).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class RefinementNetwork(nn.Module):
+    """Image-sized inputs -> strided convs -> MLP; with the vector inputs -> LSTM -> delta lambda."""
+
+    def __init__(self, in_channels: int, size: int, latent_dim: int, channels: int, layers: int, hidden: int):
+        super().__init__()
+        convs: list[nn.Module] = []
+        for i in range(layers):
+            convs += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, stride=2, padding=1), nn.ELU()]
+            size = (size + 1) // 2
+        self.convs = nn.Sequential(*convs, nn.Flatten())
+        self.mlp = nn.Sequential(nn.Linear(channels * size * size, hidden), nn.ELU())
+        self.lstm = LSTMCell(hidden + 4 * latent_dim, hidden)
+        self.head = nn.Linear(hidden, 2 * latent_dim)
+        self.hidden = hidden
+
+    def forward(
+        self, images: Tensor, vectors: Tensor, state: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        h = self.mlp(self.convs(images))
+        h, c = self.lstm(torch.cat([h, vectors], dim=-1), state)
+        return self.head(h), (h, c)
+
+
+class IODINE(Encoder):
+    Config = IODINEConfig
+    name = "iodine"
+    default_dataset = "multi-dsprites"
+
+    def __init__(self, config: IODINEConfig, image_shape: tuple[int, int, int]):
+        super().__init__(config, image_shape)
+        c, h, w = self.image_shape
+        d = config.latent_dim
+        if config.iterations < 1:
+            raise PerceptionError(f"iodine: iterations must be >= 1, got {config.iterations}")
+        if max(config.num_slots, config.test_slots) > MAX_SLOTS:
+            raise PerceptionError(f"iodine: at most {MAX_SLOTS} slots, got {max(config.num_slots, config.test_slots)}")
+        self.decoder = SpatialBroadcastDecoder(d, c + 1, (h, w), config.decoder_channels, config.decoder_layers)
+        in_channels = 3 * c + 8  # see refinement_inputs
+        self.refine = RefinementNetwork(
+            in_channels, max(h, w), d, config.refine_channels, config.refine_layers, config.hidden
+        )
+        self.init_posterior = nn.Parameter(torch.zeros(2 * d))
+        noise = torch.randn(MAX_SLOTS, d, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("fixed_noise", noise)
+        self.register_buffer("coords", coordinate_grid(h, w).unsqueeze(0), persistent=False)
+
+    @property
+    def num_slots(self) -> int:
+        return self.config.test_slots or self.config.num_slots
+
+    @property
+    def slot_layout(self) -> list[str]:
+        return [f"z_{i}" for i in range(self.config.latent_dim)]
+
+    @property
+    def has_masks(self) -> bool:
+        return True
+
+    # --- one inference step ------------------------------------------------------------------
+    def decode(self, z: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Means ``[N, K, C, H, W]``, mask logits ``[N, K, H, W]`` and the decoder's cache."""
+        n, k = z.shape[:2]
+        out, cache = self.decoder.forward_with_cache(z.flatten(0, 1))
+        out = out.view(n, k, -1, *self.image_shape[1:])
+        return out[:, :, :-1], out[:, :, -1], cache
+
+    def refinement_inputs(
+        self, x: Tensor, means: Tensor, logits: Tensor, t: MixtureTerms, cache: list[Tensor],
+        mu: Tensor, logvar: Tensor, eps: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The paper's inputs, gradients included, with no autograd: image-sized
+        ``[N*K, 3C+8, H, W]`` and vector ``[N*K, 4D]``. Call on detached tensors."""
+        n, k = logits.shape[:2]
+        sigma, beta = self.config.sigma, self.config.beta
+        d_means, d_masks, d_logits = mixture_gradients(x, means, t, sigma)
+        d_out = torch.cat([d_means, d_logits.unsqueeze(2)], dim=2).flatten(0, 1)
+        d_z = self.decoder.vjp(cache, d_out).view(n, k, -1)
+        std = (0.5 * logvar).exp()
+        d_mu = d_z + beta * mu
+        d_logvar = d_z * eps * 0.5 * std + beta * 0.5 * (logvar.exp() - 1.0)
+        per_pixel = [
+            x.unsqueeze(1).expand(-1, k, -1, -1, -1),
+            means,
+            t.log_masks.exp().unsqueeze(2),
+            logits.unsqueeze(2),
+            _layer_norm(d_means.flatten(0, 1)).view_as(d_means),
+            _layer_norm(d_masks.flatten(0, 1)).view_as(d_masks).unsqueeze(2),
+            t.responsibility.unsqueeze(2),
+            t.log_mix.unsqueeze(1).expand(-1, k, -1, -1, -1),
+            leave_one_out(t).unsqueeze(2),
+            self.coords.unsqueeze(0).expand(n, k, -1, -1, -1),
+        ]
+        grads = _layer_norm(torch.cat([d_mu, d_logvar], dim=-1).flatten(0, 1))
+        vectors = torch.cat([mu.flatten(0, 1), logvar.flatten(0, 1), grads], dim=-1)
+        return torch.cat(per_pixel, dim=2).flatten(0, 1), vectors
+
+    def infer(self, x: Tensor, slots: int, iterations: int, deterministic: bool):
+        """Run T refinements; yields (z, mu, logvar, means, logits, terms) after each of the
+        T + 1 posteriors (the first is the initial one)."""
+        n, d = x.shape[0], self.config.latent_dim
+        mu, logvar = self.init_posterior.view(1, 1, -1).expand(n, slots, -1).chunk(2, dim=-1)
+        logvar = logvar.clamp(-10.0, 10.0)
+        state = (x.new_zeros(n * slots, self.refine.hidden), x.new_zeros(n * slots, self.refine.hidden))
+        for step in range(iterations + 1):
+            if not deterministic:
+                eps = torch.randn_like(mu)
+            elif step == 0:
+                eps = self.fixed_noise[:slots].unsqueeze(0).expand(n, -1, -1)
+            else:
+                eps = torch.zeros_like(mu)
+            z = mu + eps * (0.5 * logvar).exp()
+            means, logits, cache = self.decode(z)
+            terms = mixture_terms(x, means, logits, self.config.sigma)
+            yield z, mu, logvar, means, logits, terms
+            if step == iterations:
+                return
+            with torch.no_grad():
+                detached = [v.detach() for v in (means, logits, mu, logvar, eps)]
+                images, vectors = self.refinement_inputs(
+                    x, detached[0], detached[1], _detach_terms(terms), [c.detach() for c in cache], *detached[2:]
+                )
+            delta, state = self.refine(images, vectors, state)
+            mu = mu + delta[:, :d].view(n, slots, d)
+            logvar = (logvar + delta[:, d:].view(n, slots, d)).clamp(-10.0, 10.0)
+
+    # --- contract ----------------------------------------------------------------------------
+    def encode(
+        self, images: Tensor, deterministic: bool = True, slots: int | None = None, iterations: int | None = None
+    ) -> EncoderOutput:
+        slots = slots or self.num_slots
+        iterations = iterations if iterations is not None else (self.config.test_iterations or self.config.iterations)
+        *_, (z, mu, _, _, _, terms) = self.infer(images, slots, iterations, deterministic)
+        masks = terms.log_masks.exp()
+        area = masks.mean(dim=(2, 3))
+        background = F.one_hot(area.argmax(dim=1), slots).bool()  # the largest slot
+        presence, position = masks_to_contract(masks, background, self.config.presence_min_area)
+        return EncoderOutput(slots=mu if deterministic else z, presence=presence, position=position, masks=masks)
+
+    def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:
+        x = batch["image"]
+        iterations = self.config.iterations
+        total = x.new_zeros(x.shape[0])
+        lds_total = x.new_zeros(())
+        for t, (z, mu, logvar, means, _, terms) in enumerate(self.infer(x, self.config.num_slots, iterations, False)):
+            if t == 0:
+                continue  # the initial posterior is not scored (weight 0 / T)
+            kl = gaussian_kl(mu, logvar).sum(1)
+            step_loss = terms.nll + self.config.beta * kl
+            if self.config.lds and self.training:
+                lds = lds_penalty(z)
+                step_loss = step_loss + self.config.lds_weight * lds
+                lds_total = lds_total + lds.mean().detach() / iterations
+            total = total + (t / iterations) * step_loss
+        masks = terms.log_masks.exp()
+        metrics = {
+            "neg_elbo": (terms.nll + kl).mean().item(),
+            "nll": terms.nll.mean().item(),
+            "kl": kl.mean().item(),
+            "mse": (masks.unsqueeze(2) * means).sum(1).sub(x).pow(2).mean().item(),
+        }
+        if self.config.lds and self.training:
+            metrics["lds"] = lds_total.item()
+        return ModelLoss(total.mean(), metrics)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Deterministic reconstruction, masks and per-slot means after test-time inference."""
+        iterations = self.config.test_iterations or self.config.iterations
+        *_, (_, _, _, means, _, terms) = self.infer(images, self.num_slots, iterations, True)
+        masks = terms.log_masks.exp()
+        return (masks.unsqueeze(2) * means).sum(1), masks, means
+
+    def visualize(self, images: Tensor) -> dict[str, Tensor]:
+        recon, masks, means = self.reconstruct(images)
+        rows = {"input": images, "reconstruction": recon.clamp(0, 1)}
+        for k in range(masks.shape[1]):
+            rows[f"slot_{k}"] = (masks[:, k : k + 1] * means[:, k] + (1 - masks[:, k : k + 1])).clamp(0, 1)
+        return rows
+
+
+def _detach_terms(t: MixtureTerms) -> MixtureTerms:
+    return MixtureTerms(*(v.detach() for v in (t.nll, t.log_masks, t.log_lik, t.log_mix, t.responsibility)))

@@ -1,0 +1,190 @@
+"""MONet and IODINE: the contract, inference details, the LDS prior and that they learn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perception.data import make_dataset
+from perception.models import build_model
+from perception.models.iodine import IODINE, mixture_gradients, mixture_terms
+from perception.models.lds import lds_penalty
+from perception.models.monet import MONet
+
+TINY = {
+    "monet": {
+        "num_slots": 4, "latent_dim": 4, "unet_channels": 8, "unet_depth": 2, "encoder_channels": 8,
+        "decoder_channels": 8, "decoder_layers": 2,
+    },
+    "iodine": {
+        "num_slots": 4, "iterations": 2, "test_iterations": 3, "latent_dim": 4, "decoder_channels": 8,
+        "decoder_layers": 2, "refine_channels": 8, "refine_layers": 2, "hidden": 16,
+    },
+}
+
+
+def images(dataset: str, n: int = 4, **options) -> torch.Tensor:
+    return torch.from_numpy(make_dataset(dataset, "train", n, 0, **options).float_images())
+
+
+def tiny(name: str, shape: tuple[int, int, int], **options):
+    torch.manual_seed(0)
+    return build_model(name, {**TINY[name], **options}, shape)
+
+
+@pytest.mark.parametrize("name", ["monet", "iodine"])
+@pytest.mark.parametrize("dataset,options", [("tetris", {}), ("multi-dsprites", {"canvas": 32}), ("multi-mnist", {})])
+def test_contract(name, dataset, options):
+    x = images(dataset, 3, **options)
+    model = tiny(name, tuple(x.shape[1:])).eval()
+    with torch.no_grad():
+        out = model(x)
+    k = model.num_slots
+    assert out.slots.shape == (3, k, len(model.slot_layout))
+    assert out.masks.shape == (3, k, *x.shape[2:])
+    torch.testing.assert_close(out.masks.sum(1), torch.ones(3, *x.shape[2:]))
+    assert ((out.presence >= 0) & (out.presence <= 1)).all()
+    assert out.position.shape == (3, k, 2) and out.position.abs().max() <= 1
+
+
+@pytest.mark.parametrize("name", ["monet", "iodine"])
+def test_deterministic_encode_is_reproducible_and_needs_no_autograd(name):
+    x = images("tetris", 2)
+    model = tiny(name, tuple(x.shape[1:])).eval()
+    with torch.no_grad():
+        a, b = model.encode(x), model.encode(x)
+    for key, value in a.as_dict().items():
+        assert torch.equal(value, b.as_dict()[key]), key
+        assert not value.requires_grad
+
+
+def test_stick_breaking_masks_sum_to_one_even_for_extreme_attention():
+    x = images("tetris", 2)
+    model = tiny("monet", tuple(x.shape[1:]))
+    with torch.no_grad():
+        model.attention.out.bias.fill_(30.0)  # alpha ~ 1: the first slot takes (almost) everything
+        log_masks = model.attend(x)
+    masks = log_masks.exp()
+    torch.testing.assert_close(masks.sum(1), torch.ones(2, 35, 35))
+    assert torch.isfinite(log_masks).all()
+    assert masks[:, 0].min() > 0.99
+
+
+def test_iodine_slots_and_iterations_can_change_at_test_time():
+    x = images("tetris", 2)
+    model = tiny("iodine", tuple(x.shape[1:])).eval()
+    with torch.no_grad():
+        few = model.encode(x, iterations=1, slots=3)
+        many = model.encode(x, iterations=6, slots=7)
+    assert few.masks.shape[1] == 3 and many.masks.shape[1] == 7
+    assert not torch.equal(model.encode(x, iterations=1).slots, model.encode(x, iterations=3).slots)
+    changed = tiny("iodine", tuple(x.shape[1:]), test_slots=5, test_iterations=1).eval()
+    assert changed.num_slots == 5 and changed.encode(x).slots.shape[1] == 5
+
+
+def test_iodine_analytic_gradient_inputs_match_autograd():
+    torch.manual_seed(0)
+    model = IODINE(IODINE.Config(**{**TINY["iodine"], "beta": 0.7}), (2, 6, 5)).double()
+    x = torch.rand(2, 2, 6, 5, dtype=torch.double)
+    mu = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
+    logvar = (0.3 * torch.randn(2, 3, 4, dtype=torch.double)).requires_grad_()
+    eps = torch.randn(2, 3, 4, dtype=torch.double)
+    from perception.nn.blocks import gaussian_kl
+
+    # posterior gradient: autograd of NLL + beta KL through the decoder
+    means, logits, cache = model.decode(mu + eps * (0.5 * logvar).exp())
+    terms = mixture_terms(x, means, logits, model.config.sigma)
+    loss = (terms.nll + model.config.beta * gaussian_kl(mu, logvar).sum(1)).sum()
+    g_mu, g_logvar = torch.autograd.grad(loss, (mu, logvar))
+    with torch.no_grad():
+        d_z = model.decoder.vjp(cache, torch.cat([t.flatten(0, 1) for t in _out_grads(x, means, logits, model)], 1))
+        d_z = d_z.view(2, 3, 4)
+        std = (0.5 * logvar).exp()
+        torch.testing.assert_close(d_z + 0.7 * mu, g_mu)
+        torch.testing.assert_close(d_z * eps * 0.5 * std + 0.7 * 0.5 * (logvar.exp() - 1), g_logvar)
+
+    # means, masks and logits as free variables
+    means = means.detach().requires_grad_()
+    logits = logits.detach().requires_grad_()
+    masks = torch.softmax(logits, 1)
+    masks_free = masks.detach().requires_grad_()
+    log_lik = terms.log_lik.detach()
+    from perception.models.monet import gaussian_log_density
+
+    nll = -torch.logsumexp(masks.log() + gaussian_log_density(x.unsqueeze(1), means, model.config.sigma), 1).sum()
+    nll_free = -torch.logsumexp(masks_free.log() + log_lik, 1).sum()
+    a_means, a_logits = torch.autograd.grad(nll, (means, logits))
+    (a_masks,) = torch.autograd.grad(nll_free, masks_free)
+    d_means, d_masks, d_logits = _analytic(x, means, logits, model)
+    torch.testing.assert_close(d_means, a_means)
+    torch.testing.assert_close(d_logits, a_logits)
+    torch.testing.assert_close(d_masks, a_masks)
+
+    # and the model's own input builder uses exactly these (runs under no_grad)
+    with torch.no_grad():
+        images_in, vectors = model.refinement_inputs(
+            x, means.detach(), logits.detach(), terms, cache, mu.detach(), logvar.detach(), eps
+        )
+    assert images_in.shape == (6, 3 * 2 + 8, 6, 5) and vectors.shape == (6, 16)
+
+
+def _analytic(x, means, logits, model):
+    sigma = model.config.sigma
+    return mixture_gradients(x, means.detach(), mixture_terms(x, means.detach(), logits.detach(), sigma), sigma)
+
+
+def _out_grads(x, means, logits, model):
+    d_means, _, d_logits = _analytic(x, means, logits, model)
+    return d_means, d_logits.unsqueeze(2)
+
+
+def test_lds_penalises_identical_slots_more_than_orthogonal_ones():
+    same = torch.ones(1, 3, 4)
+    orthogonal = torch.eye(3, 4).unsqueeze(0)
+    assert lds_penalty(same).item() > lds_penalty(orthogonal).item() + 100
+
+
+@pytest.mark.parametrize("name", ["monet", "iodine"])
+def test_lds_weight_zero_changes_nothing_and_lds_is_absent_at_eval(name):
+    x = images("tetris", 2)
+    shape = tuple(x.shape[1:])
+
+    def loss(model, train: bool) -> float:
+        model.train(train)
+        torch.manual_seed(1)
+        return model.loss({"image": x}, 0).loss.item()
+
+    plain = tiny(name, shape)
+    zero = tiny(name, shape, lds=True, lds_weight=0.0)
+    lds = tiny(name, shape, lds=True, lds_weight=1.0)
+    assert loss(zero, True) == loss(plain, True)
+    assert loss(lds, True) > loss(plain, True)
+    assert loss(lds, False) == loss(plain, False)
+
+
+@pytest.mark.parametrize("name,steps", [("monet", 100), ("iodine", 60)])
+def test_overfits_a_tiny_batch(name, steps):
+    x = images("tetris", 2)
+    model = tiny(name, tuple(x.shape[1:]))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        result = model.loss({"image": x}, step)
+        opt.zero_grad()
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        losses.append(result.metrics["neg_elbo"])
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("name", ["monet", "iodine"])
+def test_trains_with_the_shared_trainer(name, tmp_path):
+    from perception.train.config import TrainConfig
+    from perception.train.loop import train
+
+    cfg = TrainConfig(model=name, dataset="tetris", steps=2, batch_size=4, train_size=16, eval_size=8, device="cpu",
+                      image_every=0, model_options={**TINY[name], "lds": True})
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    assert 0.0 <= metrics["fg_ari"] <= 1.0 and "duplicate_rate" in metrics
