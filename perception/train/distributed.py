@@ -7,6 +7,7 @@ Each Ray Train worker runs the shared loop with its rank; gradients are averaged
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ def _worker(config: dict[str, Any]) -> None:
         cfg, config["out"], resume=config["resume"], progress=False, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
         out_checked=True,
     )
-    if ctx.get_world_rank() == 0:
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    # report() is a collective in Ray Train: every rank calls it (only rank 0's metrics are kept),
+    # or rank 0 waits for the others until Ray's barrier times out.
+    ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
 def train_distributed(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, float]:
@@ -58,7 +60,12 @@ def train_distributed(cfg: TrainConfig, out: str | Path, resume: bool = False, p
     result = trainer.fit()
     if result.error is not None:
         raise PerceptionError(f"distributed training failed: {result.error}")
-    return dict(result.metrics or {})
+    # Rank 0 wrote the final metrics beside the checkpoint; read them from there rather than
+    # from Ray's result object, whose metrics depend on the Ray Train version.
+    metrics_file = out / "metrics.json"
+    if not metrics_file.is_file():
+        raise PerceptionError(f"distributed training finished without writing {metrics_file}")
+    return json.loads(metrics_file.read_text())
 
 
 def _cuda_available() -> bool:
