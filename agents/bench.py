@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from perception.train.loop import json_safe
+
 from agents.environment import ObservationSource
 from agents.train import PPOSettings, RunConfig, train
 from perception.errors import PerceptionError
@@ -82,7 +84,7 @@ def run_learning(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     result = {
         "command": args.command, "timesteps": args.timesteps, "seeds": args.seeds, "summary": summary, "runs": runs
     }  # fmt: skip
-    (out / "learning.json").write_text(json.dumps(result, indent=2))
+    (out / "learning.json").write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     plot_curves(runs, out)
     return result
 
@@ -163,7 +165,7 @@ def run_throughput(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"command": args.command, "rows": rows}
-    (out / "throughput.json").write_text(json.dumps(result, indent=2))
+    (out / "throughput.json").write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     return result
 
 
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             run_throughput(args, out)
         else:
             result = run_learning(args, out)
-            print(json.dumps(result["summary"], indent=2))
+            print(json.dumps(json_safe(result["summary"]), indent=2))
     except PerceptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,13 +22,6 @@ ESTIMATORS = ("reinforce", "nvil", "concrete", "rebar", "relax", "exact")
 SHAPE = (1, 28, 28)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are slower with several threads on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make(name: str, **options):

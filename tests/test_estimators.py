@@ -13,13 +13,6 @@ from perception.estimators import ESTIMATORS, build_estimator
 UNBIASED = ["reinforce", "nvil", "rebar", "relax"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP threads only contend on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 SHAPES = {"categorical": (2, 3), "bernoulli": (3,)}  # two (three) variables per example
 
 

@@ -18,15 +18,6 @@ SHAPE = (1, 16, 16)
 SMALL = {"sprite_size": 5, "max_objects": 2, "channels": 8, "hidden": 32, "appearance_dim": 4, "peak_window": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def scenes(n: int = 4, seed: int = 0) -> torch.Tensor:
     """n 16x16 images with 1-2 filled 4x4 squares that never touch."""
     g = torch.Generator().manual_seed(seed)
