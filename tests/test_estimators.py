@@ -169,9 +169,10 @@ def test_nvil_baseline_is_trained_and_lowers_variance():
 def test_control_variate_parameters_are_trained_and_lower_variance(name):
     torch.manual_seed(6)
     logits, t = toy("categorical")
-    est = build(name, "categorical")
+    est = build(name, "categorical", eta=1.0)  # relax starts at eta = 0, with nothing through s
     rows = logits.expand(8, *logits.shape).clone().requires_grad_()
-    est(rows, loss_of(t, 1.0)).surrogate.mean().backward()
+    for _ in range(2):  # relax's r is scaled by cost statistics that the first call initialises
+        est(rows, loss_of(t, 1.0)).surrogate.mean().backward()
     for param_name, param in est.named_parameters():
         if not param_name.startswith("inp."):  # behind the zero-initialised output layer
             assert param.grad is not None and param.grad.abs().sum() > 0, param_name
@@ -248,7 +249,7 @@ def stn_loss(image):
 def test_grid_sample_loss_trains_rebar_and_relax(name):
     torch.manual_seed(9)
     image = torch.randn(1, 1, 8, 8, requires_grad=True)
-    est = build_estimator(name, "categorical", num_classes=4)
+    est = build_estimator(name, "categorical", num_classes=4, eta=1.0)
     logits = torch.randn(6, 4, requires_grad=True)
     est(logits, stn_loss(image)).surrogate.mean().backward()
     for tensor in [logits, image, est.log_temperature, est.eta]:
@@ -332,3 +333,93 @@ def test_the_hard_sample_comes_from_the_first_uniform_draw(name):
         expected = D.hard("categorical", D.perturb("categorical", logits, D.uniform(logits)))
     out = est(logits, lambda c: c[..., 0].sum(-1))
     torch.testing.assert_close(out.sample.detach(), expected)
+
+
+def test_relax_control_variate_learns_the_level_of_a_large_loss_quickly():
+    """r is expressed in running cost statistics, so a loss far from zero (here ~1000) is centred
+    within a few steps at the model's learning rate, not after ~1000/lr of them."""
+    torch.manual_seed(11)
+    logits, t = toy("categorical")
+    loss = loss_of(t, 1.0)
+    offset = lambda c: 1000.0 + loss(c)  # noqa: E731
+    est = build("relax", "categorical")
+    opt = torch.optim.Adam(est.parameters(), lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        est(logits.expand(8, *logits.shape).contiguous(), offset).surrogate.mean().backward()
+        opt.step()
+    est.eval()
+    rows = logits.expand(2000, *logits.shape).clone().requires_grad_()
+    relax_var = torch.autograd.grad(est(rows, offset).surrogate.sum(), rows)[0].var(0).sum()
+    reinforce = build("reinforce", "categorical")
+    reinforce_var = torch.autograd.grad(reinforce(rows, offset).surrogate.sum(), rows)[0].var(0).sum()
+    assert relax_var < 1e-3 * reinforce_var
+
+
+def autograd_reference(est, logits, loss_fn, u, v, context):
+    """RELAX's g and the gradient of mean_B |g|^2 by plain autograd (create_graph), from the same
+    noise: what the estimator's hand-written derivatives must reproduce."""
+    from perception.estimators import distributions as D
+
+    dist, batch = est.distribution, logits.shape[0]
+    theta = logits.detach().requires_grad_()
+    loc = D.location(dist, theta)
+    sample = D.hard(dist, (loc + D.noise(dist, u)).detach())
+    cost = loss_fn(sample).detach()
+    temperature = est.log_temperature.exp()
+    z_tilde = D.conditional(dist, loc, sample, v)[0]
+    relaxed = [D.relax(dist, loc + D.noise(dist, u), temperature), D.relax(dist, z_tilde, temperature)]
+
+    def control(s):
+        h = est.inp(s.reshape(batch, -1, est.inp.in_features)) + est.ctx(context).unsqueeze(1)
+        r = est.out(torch.tanh(h)).reshape(batch, -1).sum(1)
+        return est.cost_mean + est.eta * (loss_fn(s) - est.cost_mean) + est.cost_var.sqrt() * r
+
+    c_z, c_tilde = control(relaxed[0]), control(relaxed[1])
+    (path,) = torch.autograd.grad((c_z - c_tilde).sum(), theta, create_graph=True)
+    coef = (cost - c_tilde).reshape(-1, *[1] * (logits.dim() - 1))
+    g = coef * D.score(dist, logits, sample) + path
+    params = list(est.parameters())
+    return g.detach(), dict(zip(params, torch.autograd.grad(g.pow(2).sum() / batch, params)))
+
+
+@pytest.mark.parametrize("dist", ["categorical", "bernoulli"])
+def test_relax_hand_written_derivatives_match_autograd(dist):
+    torch.manual_seed(12)
+    shape = (3, 2, 4) if dist == "categorical" else (3, 5)
+    est = build_estimator(
+        "relax", dist, num_classes=4 if dist == "categorical" else None, context_dim=2, hidden=5
+    ).double()
+    with torch.no_grad():
+        for param in est.parameters():  # every path non-zero
+            param.copy_(torch.randn_like(param) * 0.5)
+        est.cost_mean.fill_(0.3), est.cost_var.fill_(0.5), est.seen.fill_(True)
+    logits = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    context, t = torch.randn(3, 2, dtype=torch.float64), torch.rand(shape[1:], dtype=torch.float64)
+    loss_fn = lambda c: ((t - c) ** 3).abs().reshape(c.shape[0], -1).sum(1)  # noqa: E731 (Hessian != 0)
+    with torch.random.fork_rng():
+        from perception.estimators import distributions as D
+
+        u, v = D.uniform(logits), D.uniform(logits)
+    g, expected = autograd_reference(est, logits, loss_fn, u, v, context)
+    est(logits, loss_fn, context=context).surrogate.mean().backward()
+    torch.testing.assert_close(logits.grad * len(logits), g)
+    for name, param in est.named_parameters():
+        torch.testing.assert_close(param.grad, expected[param], msg=name)
+
+
+def test_relax_first_training_call_is_centred_and_unbiased():
+    """The running cost statistics start from an independent extra draw, so even the very first
+    estimate is centred (low variance under a loss offset) and stays unbiased."""
+    torch.manual_seed(13)
+    logits, t = toy("categorical")
+    est = build("relax", "categorical")
+    offset = loss_of(t - 10.0, 1.0)  # losses around 300: uncentred REINFORCE would be far noisier
+    rows = logits.expand(20000, *logits.shape).clone().requires_grad_()
+    (g,) = torch.autograd.grad(est(rows, offset).surrogate.sum(), rows)
+    p = torch.softmax(logits, -1)
+    states = torch.eye(3)
+    f = ((t[:, None, :] - 10.0 - states) ** 2).sum(-1)
+    exact = p * (f - (p * f).sum(-1, keepdim=True))
+    assert_matches(g.reshape(len(g), -1), exact.flatten(), "relax first call")
+    assert g.var(0).sum() < 0.01 * (f**2).sum()  # vs. ~E[f^2 |score|^2] uncentred

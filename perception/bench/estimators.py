@@ -9,8 +9,12 @@ optimum is the best vertex of the simplex (computed, not assumed). Per estimator
 - error: ``|E_p[f] - f*|`` at the end, computed exactly from the final logits;
 - gradient variance: variance over ``--var-samples`` independent single-sample estimates of the
   logits' gradient (estimator in eval mode), averaged over logits, at evenly spaced checkpoints;
-- step time: zero_grad + estimate + backward + Adam step (foreach; one group per learning rate),
-  one thread, as wall time and as this process's CPU time (steadier on a shared machine).
+  since each estimator is measured on its own trajectory (a near-converged categorical has a
+  small variance whatever the estimator), also its ratio to plain REINFORCE's exact variance at
+  the same logits (geometric mean over checkpoints and seeds);
+- step time: zero_grad + estimate + backward + Adam step (fused: one kernel for all parameters,
+  the cheapest CPU Adam for every estimator; one group per learning rate), one thread, as wall
+  time and as this process's CPU time (steadier on a shared machine).
 
 Writes ``estimators.json`` and ``estimators.png`` (error and log-variance curves) under ``--out``.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -39,6 +44,16 @@ def vertex_losses(target: torch.Tensor) -> torch.Tensor:
     return ((target - torch.eye(len(target))) ** 2).mean(-1)
 
 
+def reinforce_variance(logits: torch.Tensor, vertex: torch.Tensor) -> float:
+    """Exact variance of plain REINFORCE's single-sample logit gradient ``f(b) (b - p)`` at these
+    logits, mean over logits: the reference that makes variances along different trajectories
+    comparable."""
+    p = torch.softmax(logits.detach()[0], -1)
+    g = vertex[:, None] * (torch.eye(len(p)) - p)  # row k: the estimate when b = e_k
+    mean = p @ g
+    return (p @ (g - mean) ** 2).mean().item()
+
+
 def gradient_variance(est, logits: torch.Tensor, loss_fn, samples: int) -> float:
     est.eval()
     rows = logits.detach().expand(samples, -1).contiguous().requires_grad_()
@@ -56,7 +71,7 @@ def run(name: str, target: tuple[float, ...], seed: int, steps: int, checkpoints
     by_lr: dict[float, list[torch.Tensor]] = {}
     for group in [{"params": [logits], "lr": LR}, *est.param_groups(LR)]:
         by_lr.setdefault(group["lr"], []).extend(group["params"])
-    opt = torch.optim.Adam([{"params": p, "lr": lr} for lr, p in by_lr.items()], foreach=True)
+    opt = torch.optim.Adam([{"params": p, "lr": lr} for lr, p in by_lr.items()], fused=True)
 
     def loss_fn(c: torch.Tensor) -> torch.Tensor:
         return ((t - c) ** 2).mean(-1)
@@ -65,7 +80,7 @@ def run(name: str, target: tuple[float, ...], seed: int, steps: int, checkpoints
         return abs((torch.softmax(logits.detach()[0], -1) @ vertex - vertex.min()).item())
 
     every = max(1, steps // checkpoints)
-    at, errors, variances, wall, cpu = [], [], [], 0.0, 0.0
+    at, errors, variances, reference, wall, cpu = [], [], [], [], 0.0, 0.0
     for step in range(1, steps + 1):
         start, start_cpu = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
@@ -77,6 +92,7 @@ def run(name: str, target: tuple[float, ...], seed: int, steps: int, checkpoints
             at.append(step)
             errors.append(error())
             variances.append(gradient_variance(est, logits, loss_fn, samples))
+            reference.append(reinforce_variance(logits, vertex))
     probs = torch.softmax(logits.detach()[0], -1)
     return {
         "error": errors[-1],
@@ -86,6 +102,7 @@ def run(name: str, target: tuple[float, ...], seed: int, steps: int, checkpoints
         "steps": at,
         "errors": errors,
         "variances": variances,
+        "reinforce_variances": reference,
     }
 
 
@@ -94,14 +111,19 @@ def summarise(runs: list[dict]) -> dict:
     ms = np.array([r["step_ms"] for r in runs])
     cpu_ms = np.array([r["step_cpu_ms"] for r in runs])
     var = np.array([r["variances"] for r in runs])  # [seeds, checkpoints]
+    ratio = var / np.array([r["reinforce_variances"] for r in runs])
     with np.errstate(divide="ignore"):
         log_var = np.log10(var)
+        log_ratio = np.log10(ratio)
     return {
         "error_x1000_mean": float(errors.mean()),
         "error_x1000_std": float(errors.std()),
         "error_x1000_per_seed": errors.round(4).tolist(),
         "p_optimal_mean": float(np.mean([r["p_optimal"] for r in runs])),
         "grad_var_mean": float(var.mean()),
+        "grad_var_last": float(var[:, -1].mean()),
+        # geometric mean over checkpoints and seeds of var / REINFORCE's exact var at the same logits
+        "var_ratio_to_reinforce": float(10 ** log_ratio.mean()),
         "step_ms_mean": float(ms.mean()),
         "step_ms_std": float(ms.std()),
         "step_cpu_ms_mean": float(cpu_ms.mean()),
@@ -146,7 +168,7 @@ def main(argv: list[str]) -> int:
     runs: dict[str, dict[str, list[dict]]] = {p: {n: [] for n in NAMES} for p in PROBLEMS}
     for name in NAMES:  # untimed: one-off costs (lazy initialisation) out of the first run
         run(name, PROBLEMS["three_class"], 0, 20, 1, args.var_samples)
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()
     for seed in range(args.seeds):
         for problem, target in PROBLEMS.items():
             for name in NAMES:
@@ -166,6 +188,7 @@ def main(argv: list[str]) -> int:
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": 1,
+            "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
         },
         "wall_s": time.perf_counter() - started,
         "results": results,
@@ -173,11 +196,13 @@ def main(argv: list[str]) -> int:
     (args.out / "estimators.json").write_text(json.dumps(report, indent=1))
     plot(results, args.out / "estimators.png")
     for problem, per_name in results.items():
-        print(f"\n{problem}: estimator  error x1000 (mean ± std)  p(optimal)  grad var  step ms (wall, cpu)")
+        print(f"\n{problem}: estimator  error x1000 (mean, std)  p(opt)  grad var (mean, last, / REINFORCE's)  "
+              "step ms (wall, cpu)")
         for name, s in per_name.items():
             print(
                 f"  {name:10s} {s['error_x1000_mean']:7.3f} ± {s['error_x1000_std']:6.3f}   "
-                f"{s['p_optimal_mean']:.3f}   {s['grad_var_mean']:.2e}   "
+                f"{s['p_optimal_mean']:.3f}   {s['grad_var_mean']:.2e} {s['grad_var_last']:.2e} "
+                f"{s['var_ratio_to_reinforce']:.1e}   "
                 f"{s['step_ms_mean']:.3f}, {s['step_cpu_ms_mean']:.3f}"
             )
     print(f"\nwrote {args.out / 'estimators.json'} and {args.out / 'estimators.png'}")

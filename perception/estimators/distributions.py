@@ -8,7 +8,8 @@ Relaxed estimators use the "noise in logit space" view: ``z = location + noise``
 noise (Bernoulli, ``location`` = logits) or Gumbel noise (categorical, ``location`` =
 log-probabilities), and the hard sample is ``H(z)`` (sign / argmax). :func:`conditional` draws
 ``z ~ p(z | H(z) = sample)`` reparameterised in the logits (Tucker et al. 2017, appendix), which
-REBAR and RELAX need for their control variate.
+REBAR and RELAX need for their control variate; it also returns its derivative, so that they can
+form the control variate's gradient without a backward pass.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def hard(distribution: str, z: Tensor) -> Tensor:
     return torch.zeros_like(z).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
 
 
-def conditional(distribution: str, loc: Tensor, sample: Tensor, v: Tensor) -> Tensor:
-    """``z ~ p(z | hard(z) = sample)`` from uniform noise ``v``, differentiable in the location
-    (:func:`location` of the logits).
+def conditional(distribution: str, loc: Tensor, sample: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``z ~ p(z | hard(z) = sample)`` from uniform noise ``v``, reparameterised in the location
+    (:func:`location` of the logits), and its derivative in the location, which is elementwise.
 
     Written in log space so that extreme probabilities give finite values and gradients.
     """
@@ -62,11 +63,15 @@ def conditional(distribution: str, loc: Tensor, sample: Tensor, v: Tensor) -> Te
         # sample 0: u' = v (1 - p) and z = logit + logit(u'); sample 1 mirrors it (1 - v is U(0,1) too).
         sign = 1.0 - 2.0 * sample
         m = sign * loc
-        return sign * (torch.log(v) + F.logsigmoid(m) - torch.log1p(-v * torch.sigmoid(-m)))
+        tail = v * torch.sigmoid(-m)
+        z = sign * (torch.log(v) + F.logsigmoid(m) - torch.log1p(-tail))
+        return z, torch.sigmoid(-m) * (1.0 - v) / (1.0 - tail)
     e = torch.log(-torch.log(v))
     top = (e * sample).sum(-1, keepdim=True)  # the argmax entry is a standard Gumbel: -top
-    others = -torch.logaddexp(e - loc, top)  # -log(-log v_i / p_i - log v_b)
-    return torch.where(sample > 0.5, -top, others)
+    gap = e - loc
+    others = -torch.logaddexp(gap, top)  # -log(-log v_i / p_i - log v_b)
+    chosen = sample > 0.5
+    return torch.where(chosen, -top, others), torch.where(chosen, 0.0, torch.sigmoid(gap - top))
 
 
 def relax(distribution: str, z: Tensor, temperature: Tensor | float) -> Tensor:
