@@ -9,13 +9,11 @@ curve, wall time; per env and encoder: mean over seeds and the ratio to the orac
 ``OUT/curves-ENV.png`` per env.
 
 ``--throughput``: env steps per second through :class:`envs.VectorObjectSlots` with the ONNX
-backend (a ``.pt`` checkpoint is exported to ``OUT/onnx/`` first) on ``--threads`` cores, and
-the wrapper's overhead: per vector step, ``t_wrapped`` (the full wrapped step), ``t_env`` (the
-same vector env unwrapped) and ``t_encoder`` (the encoder called alone on the same batches);
-``wrapper_overhead`` = (t_wrapped - t_env - t_encoder) / t_encoder: everything the wrapped step
-costs beyond the env and the encoder, as a fraction of the encoder's own inference time; and
-``conversion_overhead`` = (t_converter - t_encoder) / t_encoder, the wrapper's own work (uint8 ->
-float, slot assembly, clip, mask) timed directly on the same batches. Writes ``OUT/throughput.json``.
+backend (a ``.pt`` checkpoint is exported to ``OUT/onnx/`` first) on ``--threads`` onnxruntime
+threads, and the wrapper's overhead: each wrapped vector step is split into the sub-environments'
+step, onnxruntime's inference and the rest (the wrapper), timed inside the same calls in wall and
+CPU time (see :func:`step_decomposition`); ``wrapper_overhead`` = wrapper / encoder, medians over
+``--steps`` steps. Writes ``OUT/throughput.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -149,59 +148,75 @@ def run_throughput(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         backend = OnnxBackend(_onnx_file(encoder, out), device="cpu", threads=args.threads)
         for env in args.envs:
             for num_envs in args.batch_sizes:
-                raw = envs.make_vector_env(_env_id(env), num_envs, **args.env_kwargs)
                 wrapped = envs.make_vector_env(
                     _env_id(env), num_envs, encoder=backend, backend="onnx", **args.env_kwargs
                 )
-                t = _interleaved_timings(raw, wrapped, backend, args.steps)
+                t = step_decomposition(wrapped, args.steps)
+                wrapped.close()
                 row = {
                     "env": env, "encoder": encoder, "num_envs": num_envs, "threads": args.threads,
-                    "env_steps_per_s": num_envs / t["wrapped"],
-                    "raw_env_steps_per_s": num_envs / t["env"],
-                    **{f"t_{k}_ms": 1e3 * v for k, v in t.items()},
-                    "wrapper_overhead": (t["wrapped"] - t["env"] - t["encoder"]) / t["encoder"],
-                    "conversion_overhead": (t["converter"] - t["encoder"]) / t["encoder"],
+                    "steps": args.steps,
+                    "env_steps_per_s": num_envs / t["wall"]["step"],
+                    "env_steps_per_cpu_s": num_envs / t["cpu"]["step"],
+                    **{f"{clock}_{part}_ms": 1e3 * v for clock in ("wall", "cpu") for part, v in t[clock].items()},
+                    "wrapper_overhead_cpu": t["cpu"]["wrapper"] / t["cpu"]["encoder"],
+                    "wrapper_overhead_wall": t["wall"]["wrapper"] / t["wall"]["encoder"],
                 }  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    result = {"command": args.command, "rows": rows}
+    result = {"command": args.command, "load_average_1_5_15_min_at_end": list(os.getloadavg()), "rows": rows}
     (out / "throughput.json").write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     return result
 
 
-def _interleaved_timings(raw, wrapped, backend, steps: int, rounds: int = 5) -> dict[str, float]:
-    """Median seconds per vector step of the raw env, the wrapped env, the encoder alone, and
-    the wrapper's converter alone (uint8 images -> slot dict, encoder call included).
+class _Clock:
+    """A callable that adds the wall and CPU (process) seconds spent inside ``fn`` to its totals."""
 
-    They are timed in alternating short rounds, so that load from other processes on a shared
-    machine hits them alike, and the median over rounds discards bursts."""
-    per_round = max(1, steps // rounds)
-    for vec in (raw, wrapped):
-        vec.reset(seed=0)
-        vec.action_space.seed(0)
-    times: dict[str, list[float]] = {"env": [], "wrapped": [], "encoder": [], "converter": []}
-    for _ in range(rounds):
-        images = []
-        start = time.perf_counter()
-        for _ in range(per_round):
-            images.append(np.array(raw.step(raw.action_space.sample())[0]))
-        times["env"].append((time.perf_counter() - start) / per_round)
-        start = time.perf_counter()
-        for _ in range(per_round):
-            wrapped.step(wrapped.action_space.sample())
-        times["wrapped"].append((time.perf_counter() - start) / per_round)
-        batches = [img.astype(np.float32) / 255.0 for img in images]  # the encoder's input, made outside the clock
-        start = time.perf_counter()
-        for batch in batches:
-            backend(batch)
-        times["encoder"].append((time.perf_counter() - start) / per_round)
-        start = time.perf_counter()
-        for image in images:
-            wrapped.converter(image)
-        times["converter"].append((time.perf_counter() - start) / per_round)
-    raw.close()
-    wrapped.close()
-    return {k: float(np.median(v)) for k, v in times.items()}
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.wall = self.cpu = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.wall += time.perf_counter() - wall
+            self.cpu += time.process_time() - cpu
+
+
+def step_decomposition(wrapped: Any, steps: int, warmup: int = 10) -> dict[str, dict[str, float]]:
+    """Median per vector step, in wall and in CPU seconds, of the wrapped step (``step``), the
+    sub-environments inside it (``env``), onnxruntime's inference inside it (``encoder``) and
+    the rest (``wrapper``: everything the wrapper adds, input checks and conversion included).
+
+    The parts are timed inside the same step calls (the inner env's ``step`` and the
+    onnxruntime session's ``run`` are wrapped in clocks), so load from other processes cannot
+    move work from one part to another; CPU time (``time.process_time``, all threads of this
+    process) is what load hardly changes, wall time what an agent waits for."""
+    env_clock = wrapped.env.step = _Clock(wrapped.env.step)
+    session = wrapped.converter.encoder.session.session
+    encoder_clock = session.run = _Clock(session.run)
+    clocks = {"env": env_clock, "encoder": encoder_clock}
+    wrapped.reset(seed=0)
+    wrapped.action_space.seed(0)
+    samples: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
+    for i in range(warmup + steps):
+        action = wrapped.action_space.sample()
+        before = {k: (c.wall, c.cpu) for k, c in clocks.items()}
+        wall, cpu = time.perf_counter(), time.process_time()
+        wrapped.step(action)
+        total = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        if i < warmup:
+            continue
+        for j, clock in enumerate(("wall", "cpu")):
+            parts = {k: (c.wall, c.cpu)[j] - before[k][j] for k, c in clocks.items()}
+            parts["step"] = total[clock]
+            parts["wrapper"] = total[clock] - parts["env"] - parts["encoder"]
+            for k, v in parts.items():
+                samples[clock].setdefault(k, []).append(v)
+    del wrapped.env.step, session.run
+    return {clock: {k: float(np.median(v)) for k, v in parts.items()} for clock, parts in samples.items()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--throughput", action="store_true", help="measure VectorObjectSlots throughput instead")
     parser.add_argument("--batch-sizes", default="16,64", help="--throughput: numbers of sub-envs")
-    parser.add_argument("--steps", type=int, default=200, help="--throughput: timed vector steps")
+    parser.add_argument("--steps", type=int, default=500, help="--throughput: timed vector steps")
     parser.add_argument("--threads", type=int, default=2, help="--throughput: onnxruntime intra-op threads")
     parser.add_argument("--out", default="bench_results/agents")
     parser.add_argument("--no-progress", action="store_true")

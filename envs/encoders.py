@@ -3,7 +3,8 @@
 ``backend="torch"`` loads a bundled name or checkpoint with :func:`perception.load_encoder`;
 ``backend="onnx"`` opens a bundled name or ``.onnx`` file with :class:`export.OnnxEncoder`.
 Both map float32 ``[N, C, H, W]`` images in [0, 1] to the contract's outputs as numpy arrays,
-deterministically (posterior means, no sampling).
+deterministically (posterior means, no sampling); ``check_range=False`` tells them the values are
+known to be in [0, 1] (uint8 observations / 255), which spares the ONNX runtime its value check.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class TorchBackend(_Shared):
         self.has_class_probs = encoder.num_classes is not None
         self._torch = torch
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        with self._torch.inference_mode():
+    def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:
+        with self._torch.inference_mode():  # encode() does not check values: nothing to skip
             out = self.model.encode(self._torch.from_numpy(images), deterministic=True)
         return {k: v.numpy() for k, v in out.as_dict().items() if k != "masks"}
 
@@ -73,9 +74,8 @@ class OnnxBackend(_Shared):
         self.slot_layout = list(self.session.slot_layout)
         self.has_class_probs = "class_probs" in self.session.output_names
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.session(images)
-        return {k: np.asarray(v) for k, v in out.items() if k != "masks"}
+    def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:
+        return self.session(images, check_range)  # numpy already; masks, if any, are computed anyway
 
 
 def make_backend(encoder: Any, backend: str = "onnx"):

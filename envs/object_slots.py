@@ -52,12 +52,15 @@ class SlotConverter:
                 "representation='prototypes' needs a prototype model (one that outputs class_probs); "
                 "this encoder has none, use representation='slots'"
             )
-        self.scale = 1.0 / 255.0 if image_space.dtype == np.uint8 else 1.0
+        self.from_uint8 = image_space.dtype == np.uint8  # then values are in [0, 1] by construction
+        self.scale = np.float32(1.0 / 255.0 if self.from_uint8 else 1.0)
         self.representation = representation
         self.bound = float(bound)
-        probe = self.encoder(np.zeros((1, *self.encoder.image_shape), np.float32))
+        self._batch = np.empty((0, *self.encoder.image_shape), np.float32)
+        probe = self.encoder(self._float_batch(np.zeros((1, *self.encoder.image_shape), image_space.dtype)))
         k = probe["slots"].shape[1]
         d = (probe["class_probs"].shape[-1] if representation == "prototypes" else probe["slots"].shape[-1]) + 2
+        self._one_hot = np.eye(d - 2, dtype=np.float32) if representation == "prototypes" else None
         self.space = spaces.Dict(
             {
                 "slots": spaces.Box(-self.bound, self.bound, (k, d), np.float32),
@@ -65,19 +68,23 @@ class SlotConverter:
             }
         )
 
+    def _float_batch(self, images: np.ndarray) -> np.ndarray:
+        """The encoder's float32 input, written in one pass into a buffer reused from step to step
+        (the encoder consumes it within the call; the outputs are fresh arrays)."""
+        if self._batch.shape != images.shape:
+            self._batch = np.empty(images.shape, np.float32)
+        return np.multiply(images, self.scale, out=self._batch, dtype=np.float32)
+
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        x = np.asarray(images, np.float32) * np.float32(self.scale)
-        out = self.encoder(x)
+        out = self.encoder(self._float_batch(np.asarray(images)), check_range=not self.from_uint8)
         if self.representation == "prototypes":
-            probs = out["class_probs"]
-            features = np.eye(probs.shape[-1], dtype=np.float32)[probs.argmax(-1)]
+            features = self._one_hot[out["class_probs"].argmax(-1)]
         else:
-            features = out["slots"].astype(np.float32)
-        slots = np.concatenate([features, out["position"].astype(np.float32)], axis=-1)
-        return {
-            "slots": np.clip(slots, -self.bound, self.bound),
-            "mask": (out["presence"] > 0.5).astype(np.float32),
-        }
+            features = out["slots"]
+        slots = np.concatenate([features, out["position"]], axis=-1, dtype=np.float32)
+        np.minimum(slots, self.bound, out=slots)  # two ufunc calls: np.clip costs more per call
+        np.maximum(slots, -self.bound, out=slots)
+        return {"slots": slots, "mask": np.greater(out["presence"], 0.5).astype(np.float32)}
 
 
 class ObjectSlots(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):

@@ -4,7 +4,8 @@ Encoders: every bundled checkpoint, and every registered model without one, untr
 default config (labelled "untrained": speed depends on the architecture, hardly on the weights).
 Both backends get the same float32 inputs and the same number of threads; the two are timed in
 alternation (one torch call, one onnxruntime call, ...) so that load from other processes on a
-shared machine hits both alike. Latency is the median over the repeats after a warm-up (fewer
+shared machine hits both alike, and both wall and CPU time are recorded (CPU time is what load
+from other processes hardly changes). Latency is the median over the repeats after a warm-up (fewer
 repeats when an encoder exceeds the per-batch-size time budget); parity is the max
 |onnxruntime - torch| over every output at both batch sizes. Writes ``DIR/export.json``.
 """
@@ -31,17 +32,23 @@ BATCH_SIZES = (1, 64)
 
 
 def _encoders() -> list[tuple[str, str, Any]]:
-    """(name, weights, torch encoder): every bundled checkpoint, then every registered model that
-    has none, untrained at its default config."""
+    """(name, weights, torch encoder or the PerceptionError that loading it raised): every bundled
+    checkpoint, then every registered model without a loadable one, untrained at its default config."""
     import torch
 
     from perception import load_encoder
     from perception.data import default_image_shape
+    from perception.errors import PerceptionError
     from perception.models import MODELS, build_model, model_class
     from perception.pretrained import bundled_names
 
-    encoders = [(name, "bundled", load_encoder(name)) for name in bundled_names()]
-    covered = {encoder.name for _, _, encoder in encoders}
+    encoders: list[tuple[str, str, Any]] = []
+    for name in bundled_names():
+        try:
+            encoders.append((name, "bundled", load_encoder(name)))
+        except PerceptionError as exc:  # e.g. a checkpoint older than its model's code
+            encoders.append((name, "bundled", exc))
+    covered = {encoder.name for _, _, encoder in encoders if not isinstance(encoder, Exception)}
     for name in MODELS.names():
         if name not in covered:
             torch.manual_seed(0)
@@ -52,20 +59,23 @@ def _encoders() -> list[tuple[str, str, Any]]:
 
 def _alternating_timings(
     calls: list[Callable[[], Any]], warmup: int, repeats: int, budget_s: float
-) -> list[list[float]]:
-    """Seconds per call, per callable; stops early (after at least 3 rounds) once ``budget_s`` is spent."""
+) -> list[tuple[list[float], list[float]]]:
+    """Per callable, (wall seconds, CPU seconds) per call; stops early (after at least 3 rounds)
+    once ``budget_s`` is spent. CPU time is ``time.process_time`` (every thread of this process,
+    nothing of others), which load on a shared machine hardly moves; wall time is what a caller waits."""
     for _ in range(warmup):
         for call in calls:
             call()
-    times: list[list[float]] = [[] for _ in calls]
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in calls]
     deadline = time.perf_counter() + budget_s
     for i in range(repeats):
         if i >= 3 and time.perf_counter() > deadline:
             break
-        for call, bucket in zip(calls, times):
-            start = time.perf_counter()
+        for call, (wall, cpu) in zip(calls, times):
+            start, start_cpu = time.perf_counter(), time.process_time()
             call()
-            bucket.append(time.perf_counter() - start)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     return times
 
 
@@ -86,13 +96,17 @@ def bench_encoder(encoder: Any, onnx_path: Path, threads: int, repeats: int, bud
             result["max_abs_diff"] = max(result["max_abs_diff"], diff)
             calls = [partial(encoder, as_torch), partial(session, images)]
             warmup, r = (5, repeats) if n == 1 else (1, max(10, repeats // 8))
-            timed = _alternating_timings(calls, warmup, r, budget_s)
-            t_torch, t_ort = (statistics.median(t) for t in timed)
+            (wall_torch, cpu_torch), (wall_ort, cpu_ort) = _alternating_timings(calls, warmup, r, budget_s)
+            t_torch, t_ort = statistics.median(wall_torch), statistics.median(wall_ort)
+            c_torch, c_ort = statistics.median(cpu_torch), statistics.median(cpu_ort)
         result[f"batch_{n}"] = {
-            "repeats": len(timed[0]),
+            "repeats": len(wall_torch),
             "torch_ms": t_torch * 1e3,
             "onnxruntime_ms": t_ort * 1e3,
             "speedup": t_torch / t_ort,
+            "torch_cpu_ms": c_torch * 1e3,
+            "onnxruntime_cpu_ms": c_ort * 1e3,
+            "speedup_cpu": c_torch / c_ort,
             "torch_images_per_s": n / t_torch,
             "onnxruntime_images_per_s": n / t_ort,
         }
@@ -101,19 +115,20 @@ def bench_encoder(encoder: Any, onnx_path: Path, threads: int, repeats: int, bud
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| encoder | weights | torch ms (b=1) | ORT ms (b=1) | speed-up b=1 | torch img/s (b=64) | ORT img/s (b=64) "
-        "| speed-up b=64 | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| encoder | weights | torch ms (b=1) | ORT ms (b=1) | speed-up b=1 | speed-up b=1, CPU time "
+        "| torch img/s (b=64) | ORT img/s (b=64) | speed-up b=64 | speed-up b=64, CPU time | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['name']} | {row['source']} | export failed: {row['error']} | | | | | | |")
+            lines.append(f"| {row['name']} | {row['source']} | {row['error']} | | | | | | | | |")
             continue
         b1, b64 = row["batch_1"], row["batch_64"]
         lines.append(
             f"| {row['name']} | {row['source']} | {b1['torch_ms']:.2f} | {b1['onnxruntime_ms']:.2f} | "
-            f"{b1['speedup']:.1f}x | {b64['torch_images_per_s']:.0f} | {b64['onnxruntime_images_per_s']:.0f} | "
-            f"{b64['speedup']:.1f}x | {row['max_abs_diff']:.1e} |"
+            f"{b1['speedup']:.1f}x | {b1['speedup_cpu']:.1f}x | {b64['torch_images_per_s']:.0f} | "
+            f"{b64['onnxruntime_images_per_s']:.0f} | {b64['speedup']:.1f}x | {b64['speedup_cpu']:.1f}x | "
+            f"{row['max_abs_diff']:.1e} |"
         )
     return "\n".join(lines)
 
@@ -134,17 +149,22 @@ def main(argv: list[str]) -> int:
     from perception.errors import PerceptionError
 
     torch.set_num_threads(args.threads)
+    load_at_start = list(os.getloadavg())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, source, encoder in _encoders():
             if args.models and name not in args.models:
+                continue
+            if isinstance(encoder, PerceptionError):
+                rows.append({"name": name, "source": source, "error": "cannot load: " + str(encoder).splitlines()[0]})
+                print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
                 continue
             row: dict[str, Any] = {"name": name, "source": source, "model": encoder.name}
             try:
                 # batch 64 is compared below, on the benchmark's own inputs
                 path = export_onnx(encoder, Path(tmp) / f"{name}.onnx", batch_sizes=(1, 3)).path
             except PerceptionError as exc:
-                row["error"] = str(exc)
+                row["error"] = "export failed: " + str(exc)
             else:
                 row.update(bench_encoder(encoder, path, args.threads, args.repeats, args.budget))
             rows.append(row)
@@ -160,6 +180,7 @@ def main(argv: list[str]) -> int:
             "onnxruntime": onnxruntime.__version__,
             "torch_threads": torch.get_num_threads(),
             "onnxruntime_threads": args.threads,
+            "load_average_1_5_15_min_at_start": load_at_start,
             "load_average_1_5_15_min_at_end": list(os.getloadavg()),
         },
         "encoders": rows,

@@ -173,9 +173,12 @@ class OnnxEncoder:
         return self.session.get_providers()
 
     # --- inference ------------------------------------------------------------------------
-    def __call__(self, images: Any) -> dict[str, np.ndarray]:
-        """float32 ``[N, C, H, W]`` in [0, 1] (numpy, or a torch tensor) -> dict of numpy arrays."""
-        batch = self._check(images)
+    def __call__(self, images: Any, check_range: bool = True) -> dict[str, np.ndarray]:
+        """float32 ``[N, C, H, W]`` in [0, 1] (numpy, or a torch tensor) -> dict of numpy arrays.
+
+        ``check_range=False`` skips the value check (two passes over the batch) for callers that
+        guarantee [0, 1], e.g. uint8 images divided by 255; dtype and shape are still checked."""
+        batch = self._check(images, check_range)
         if batch.shape[0] == 0:
             raise InputError(f"expected {self._expected()}, got an empty batch")
         return dict(zip(self._outputs, self.session.run(None, {INPUT_NAME: batch})))
@@ -195,7 +198,7 @@ class OnnxEncoder:
         c, h, w = self.image_shape
         return f"float32 [N, {c}, {h}, {w}] in [0, 1]"
 
-    def _check(self, images: Any) -> np.ndarray:
+    def _check(self, images: Any, check_range: bool = True) -> np.ndarray:
         if type(images).__module__.startswith("torch"):
             images = images.detach().cpu().numpy()
         if not isinstance(images, np.ndarray):
@@ -205,7 +208,7 @@ class OnnxEncoder:
             raise InputError(f"expected {self._expected()}, got dtype {images.dtype}{hint}")
         if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise InputError(f"expected {self._expected()}, got shape {list(images.shape)}")
-        if images.size:
+        if check_range and images.size:
             lo, hi = float(images.min()), float(images.max())
             if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
                 raise InputError(f"expected {self._expected()}, got values in [{lo:.3g}, {hi:.3g}]")

@@ -167,3 +167,18 @@ def test_bundle_reexports_all_checkpoints_and_reports_failures(tmp_path, monkeyp
     (tmp_path / "broken.pt").unlink()
     assert run_cli(bundle_main, ["tiny"]) == 0  # rerunnable: replaces its own output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.pt"]
+
+
+def test_bench_times_both_runtimes_in_wall_and_cpu_time(tmp_path):
+    from export.bench import bench_encoder, markdown_table
+
+    model = small_vae()
+    path = export_onnx(model, tmp_path / "vae.onnx", batch_sizes=(1,)).path
+    row = {"name": "vae", "source": "untrained", **bench_encoder(model, path, threads=1, repeats=4, budget_s=5.0)}
+    assert row["max_abs_diff"] <= 1e-4
+    for n in (1, 64):
+        timing = row[f"batch_{n}"]
+        assert timing["repeats"] >= 3
+        assert all(timing[k] > 0 for k in ("torch_ms", "onnxruntime_ms", "torch_cpu_ms", "onnxruntime_cpu_ms"))
+        assert timing["speedup_cpu"] == pytest.approx(timing["torch_cpu_ms"] / timing["onnxruntime_cpu_ms"])
+    assert markdown_table([row]).splitlines()[-1].count("|") == markdown_table([]).splitlines()[0].count("|")

@@ -144,7 +144,7 @@ def test_vector_wrapper_encodes_all_envs_in_one_call(vae_files, backend):
     vec = envs.make_vector_env("MultiMNIST-Collect-v0", num_envs, encoder=encoder, backend=backend)
     calls = []
     inner = vec.converter.encoder
-    vec.converter.encoder = lambda images: calls.append(images.shape[0]) or inner(images)
+    vec.converter.encoder = lambda images, **kw: calls.append(images.shape[0]) or inner(images, **kw)
 
     obs, _ = vec.reset(seed=7)
     vec.action_space.seed(0)
@@ -157,3 +157,52 @@ def test_vector_wrapper_encodes_all_envs_in_one_call(vae_files, backend):
     first, _ = single.reset(seed=7)
     vec_first, _ = vec.reset(seed=7)
     np.testing.assert_allclose(vec_first["slots"][0], first["slots"], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_successive_observations_are_independent_arrays(vae_files, backend):
+    """The wrapper reuses its float input buffer between steps; what it returns must not be reused."""
+    vec = envs.make_vector_env("MultiMNIST-Count-v0", 3, encoder=_encoder_for(vae_files, backend), backend=backend)
+    first, _ = vec.reset(seed=0)
+    kept = {k: v.copy() for k, v in first.items()}
+    for _ in range(2):  # the terminal step shows the reset scene; the autoreset step a new one
+        later, *_ = vec.step(vec.action_space.sample())
+    for key in kept:
+        np.testing.assert_array_equal(first[key], kept[key])
+        assert not np.shares_memory(first[key], later[key])
+    assert not np.array_equal(first["slots"], later["slots"])
+
+
+class _FloatImages(gym.Env):
+    """Float observations are not in [0, 1] by construction, so the encoder must check them."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (1, 64, 64), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.full((1, 64, 64), 2.0, np.float32), {}
+
+    def step(self, action):
+        return self.reset()[0], 0.0, True, False, {}
+
+
+def test_float_observations_out_of_range_are_refused(vae_files):
+    env = envs.ObjectSlots(_FloatImages(), encoder=_encoder_for(vae_files, "onnx"), backend="onnx")
+    with pytest.raises(InputError, match=r"in \[0, 1\]"):
+        env.reset(seed=0)
+
+
+def test_throughput_decomposition_splits_each_step_and_leaves_the_env_as_it_was(vae_files):
+    from agents.bench import step_decomposition
+
+    vec = envs.make_vector_env("MultiMNIST-Count-v0", 4, encoder=_encoder_for(vae_files, "onnx"), backend="onnx")
+    session = vec.converter.encoder.session.session
+    t = step_decomposition(vec, steps=20, warmup=2)
+    for clock in ("wall", "cpu"):
+        assert set(t[clock]) == {"env", "encoder", "wrapper", "step"}
+        assert t[clock]["env"] > 0 and t[clock]["encoder"] > 0
+        assert t[clock]["env"] + t[clock]["encoder"] < t[clock]["step"] * 1.5
+    assert "step" not in vars(vec.env) and "run" not in vars(session)  # the clocks are gone
+    obs, *_ = vec.step(vec.action_space.sample())
+    assert vec.observation_space.contains(obs)

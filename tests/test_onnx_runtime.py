@@ -105,6 +105,15 @@ def test_bad_input_is_one_clear_error(encoder, bad, message):
         encoder(bad)
 
 
+def test_check_range_false_skips_only_the_value_check(encoder):
+    bright = images(2) * 255  # out of range: the caller vouched for it, so it runs
+    assert encoder(bright, check_range=False)["slots"].shape[0] == 2
+    with pytest.raises(InputError, match="dtype float64"):
+        encoder(images(2).astype(np.float64), check_range=False)
+    with pytest.raises(InputError, match="got shape"):
+        encoder(images(2)[:, :, :16], check_range=False)
+
+
 def test_torch_float32_input_is_accepted(encoder):
     x = torch.from_numpy(images(3))
     np.testing.assert_array_equal(encoder(x)["slots"], encoder(x.numpy())["slots"])

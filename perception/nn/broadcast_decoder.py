@@ -1,4 +1,4 @@
-"""Spatial broadcast decoder (Watters et al. 2019) with a hand-written vector-Jacobian product.
+"""Spatial broadcast decoder (Watters et al. 2019), keeping what a hand-written VJP needs.
 
 A latent ``z`` is tiled over a grid padded by one pixel per 3x3 layer, two coordinate channels
 (x, y in [-1, 1]) are appended, and unpadded 3x3 convolutions (ELU) shrink it back to the image
@@ -7,9 +7,9 @@ entangle with appearance, which is why MONet and IODINE decode each slot this wa
 
 The first convolution sees a spatially constant ``z``, so its ``z`` part is exactly a linear map
 of ``z`` (the kernel summed over space) and its coordinate part a fixed map: computing it that
-way is identical and saves the costliest layer. :meth:`vjp` back-propagates a gradient on the
-output to ``z`` with transposed convolutions, so IODINE can feed the posterior gradient to its
-refinement network without autograd (which ``torch.onnx.export`` cannot trace).
+way is identical and saves the costliest layer. ``forward_with_cache`` keeps the
+pre-activations, from which :func:`perception.models.iodine.decoder_vjp` back-propagates a
+gradient to ``z`` without autograd (which ``torch.onnx.export`` cannot trace).
 """
 
 from __future__ import annotations
@@ -63,15 +63,3 @@ class SpatialBroadcastDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.forward_with_cache(z)[0]
-
-    def vjp(self, pre: list[Tensor], grad_out: Tensor) -> Tensor:
-        """``d<grad_out, decoder(z)>/dz`` from the cached pre-activations, ``[B, D]``."""
-        g = F.conv_transpose2d(grad_out, self.out.weight)
-        for i in range(len(self.convs) - 1, 0, -1):
-            g = F.conv_transpose2d(g * _elu_grad(pre[i]), self.convs[i].weight)
-        w_z = self.convs[0].weight[:, : self.latent_dim].sum(dim=(2, 3))  # [C, D]
-        return (g * _elu_grad(pre[0])).sum(dim=(2, 3)) @ w_z
-
-
-def _elu_grad(x: Tensor) -> Tensor:
-    return torch.where(x > 0, torch.ones_like(x), x.clamp(max=0).exp())
