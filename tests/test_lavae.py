@@ -42,8 +42,17 @@ class FixedMap(nn.Module):
         self.raw, self.z = raw, appearance_dim
 
     def forward(self, x):
-        raw = self.raw.expand(len(x), -1, -1)
+        raw = self.location_logits(x)
         return raw, torch.zeros(len(x), 2 * self.z, *raw.shape[-2:])
+
+    def features(self, x):
+        return x
+
+    def location_logits(self, features):
+        return self.raw.expand(len(features), -1, -1)
+
+    def appearance_at(self, features, cell, sub):
+        return torch.zeros(*cell.shape, self.z)
 
 
 def test_contract_shapes_and_layout():
@@ -66,6 +75,22 @@ def test_deterministic_mode_is_reproducible_and_matches_count():
     for name in ("slots", "presence", "position"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert torch.equal((a.presence > 0.5).sum(1), m.count(scenes()))
+
+
+def test_inference_path_reads_the_same_maps_as_training():
+    """encode() computes the location map and K appearances without the full maps; both must
+    equal what the training path reads from them at every pixel."""
+    m = model().eval()
+    torch.nn.init.normal_(m.net.net[-1].bias)  # distinct per sub-pixel and output: checks the layout
+    x = scenes()
+    with torch.no_grad():
+        raw, appearance = m.net(x)
+        features = m.net.features(x)
+        assert torch.allclose(m.net.location_logits(features), raw, atol=1e-5)
+        index = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(0))
+        got = m.net.appearance_at(features, m.pixel_cell[index], m.pixel_sub[index])
+    expected = appearance.flatten(2).gather(2, index.unsqueeze(1).expand(-1, 8, -1)).transpose(1, 2)[..., :4]
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_count_from_local_maxima_of_hand_made_map():
@@ -121,6 +146,14 @@ def test_exact_refuses_large_images_and_enumerates_tiny_ones():
     result = tiny.loss({"image": x}, step=0)
     result.loss.backward()
     assert torch.isfinite(result.loss)
+
+
+def test_single_object_warm_up_forces_one_object_then_lets_go():
+    m = model(warmup_single_object=True, warmup_steps=10)
+    assert m.loss({"image": scenes()}, step=0).metrics["expected_count"] == pytest.approx(1.0)
+    free = model().loss({"image": scenes()}, step=0).metrics["expected_count"]
+    assert m.loss({"image": scenes()}, step=20).metrics["expected_count"] == pytest.approx(free)
+    assert free != pytest.approx(1.0)
 
 
 def test_overfits_a_tiny_batch():

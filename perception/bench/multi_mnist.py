@@ -13,7 +13,9 @@ and ``MODEL-DATASET.png`` with the best seed's decompositions, under ``--out``.
 Example::
 
     python -m perception.bench multi-mnist --model air --seeds 2 --steps 5000
-    python -m perception.bench multi-mnist --model lavae --dataset multi-dsprites-binary --gen-counts 6,7
+    python -m perception.bench multi-mnist --model lavae --dataset multi-dsprites-binary \
+        --dataset-option min_objects=1 --dataset-option max_objects=3 --gen-counts 7,7 \
+        --model-option sprite_size=25
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-size", type=int, default=20000)
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE")
+    p.add_argument(
+        "--dataset-option", action="append", metavar="KEY=VALUE",
+        help="for training and both test sets (the generalisation set's counts come from --gen-counts)",
+    )
     p.add_argument("--checkpoint", action="append", help="score this encoder instead of training (repeatable)")
     p.add_argument("--eval-size", type=int, default=1000, help="held-out scenes per test set")
     p.add_argument("--gen-counts", default="4,5", help="object counts MIN,MAX of the generalisation set")
@@ -75,14 +81,16 @@ def count_options(dataset: str, low: int, high: int) -> dict[str, int]:
     raise PerceptionError(f"dataset '{dataset}' has no object-count options, so --gen-counts does not apply")
 
 
-def score(model, dataset: str, data_dir: str | None, size: int, gen: tuple[int, int], iw_samples: int) -> dict[str, float]:
+def score(
+    model, dataset: str, data_dir: str | None, size: int, gen: tuple[int, int], iw_samples: int, options: dict[str, Any]
+) -> dict[str, float]:
     from perception.data import make_dataset
     from perception.metrics import evaluate_encoder
     from perception.train.loop import mean_model_metrics
 
     device = torch.device("cpu")
     model = model.to(device).eval()
-    test = make_dataset(dataset, split="test", size=size, seed=EVAL_SEED, data_dir=data_dir)
+    test = make_dataset(dataset, split="test", size=size, seed=EVAL_SEED, data_dir=data_dir, **options)
     row: dict[str, float] = {}
     held = evaluate_encoder(model, test)
     row["count_accuracy"] = held["count_accuracy"]
@@ -95,7 +103,8 @@ def score(model, dataset: str, data_dir: str | None, size: int, gen: tuple[int, 
         with torch.no_grad():
             images = torch.from_numpy(test.float_images())
             row["iw_nll"] = float(model.importance_weighted_nll(images, iw_samples).mean())
-    gen_set = make_dataset(dataset, split="test", size=size, seed=GEN_SEED, data_dir=data_dir, **count_options(dataset, *gen))
+    gen_options = {**options, **count_options(dataset, *gen)}
+    gen_set = make_dataset(dataset, split="test", size=size, seed=GEN_SEED, data_dir=data_dir, **gen_options)
     bigger = model.with_max_objects(gen[1]) if hasattr(model, "with_max_objects") else model
     row["gen_count_accuracy"] = evaluate_encoder(bigger, gen_set)["count_accuracy"]
     row["gen_slots"] = float(bigger.num_slots)
@@ -113,7 +122,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def save_figure(model, dataset: str, data_dir: str | None, path: Path) -> None:
+def save_figure(model, dataset: str, data_dir: str | None, path: Path, options: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +131,7 @@ def save_figure(model, dataset: str, data_dir: str | None, path: Path) -> None:
     from perception.data import make_dataset
     from perception.train.images import image_grid
 
-    scenes = make_dataset(dataset, split="test", size=8, seed=EVAL_SEED, data_dir=data_dir)
+    scenes = make_dataset(dataset, split="test", size=8, seed=EVAL_SEED, data_dir=data_dir, **options)
     with torch.no_grad():
         rows = model.eval().visualize(torch.from_numpy(scenes.float_images()))
     if rows:
@@ -143,6 +152,7 @@ def _main(argv: list[str]) -> int:
     gen = tuple(int(v) for v in args.gen_counts.split(","))
     if len(gen) != 2 or gen[0] > gen[1]:
         raise PerceptionError(f"--gen-counts must be MIN,MAX, got {args.gen_counts}")
+    data_options = parse_options(args.dataset_option, "dataset")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -156,7 +166,7 @@ def _main(argv: list[str]) -> int:
             trained = Path(path) / "metrics.json"  # a run directory says how long it trained
             if trained.is_file():
                 row["steps"] = json.loads(trained.read_text()).get("steps")
-            row.update(score(model, args.dataset, args.data_dir, args.eval_size, gen, args.iw_samples))
+            row.update(score(model, args.dataset, args.data_dir, args.eval_size, gen, args.iw_samples, data_options))
             rows.append(row)
             models.append(model)
             print(json.dumps(row), flush=True)
@@ -166,14 +176,14 @@ def _main(argv: list[str]) -> int:
             model=args.model, dataset=args.dataset, estimator=args.estimator, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, seed=seed, device="cpu", train_size=args.train_size,
             eval_size=args.eval_size, data_dir=args.data_dir, image_every=1000,
-            model_options=parse_options(args.model_option, "model"),
+            model_options=parse_options(args.model_option, "model"), dataset_options=data_options,
         )
         start = time.perf_counter()
         metrics = train(cfg, run, resume=(run / "checkpoint.pt").is_file(), progress=False)
         wall = time.perf_counter() - start
         model = load_encoder_checkpoint(run / "encoder.pt")
         row = {"seed": seed, "steps": int(metrics["steps"]), "wall_s": wall, "run": str(run)}
-        row.update(score(model, args.dataset, args.data_dir, args.eval_size, gen, args.iw_samples))
+        row.update(score(model, args.dataset, args.data_dir, args.eval_size, gen, args.iw_samples, data_options))
         rows.append(row)
         models.append(model)
         print(json.dumps(row), flush=True)
@@ -181,9 +191,10 @@ def _main(argv: list[str]) -> int:
         raise PerceptionError("nothing to do: give --seeds >= 1 or --checkpoint")
     stem = f"{args.model if not args.checkpoint else models[0].name}-{args.dataset}"
     best = int(np.argmax([r["count_accuracy"] for r in rows]))
-    save_figure(models[best], args.dataset, args.data_dir, out / f"{stem}.png")
+    save_figure(models[best], args.dataset, args.data_dir, out / f"{stem}.png", data_options)
     result = {
-        "model": models[0].name, "dataset": args.dataset, "gen_counts": list(gen), "eval_size": args.eval_size,
+        "model": models[0].name, "dataset": args.dataset, "dataset_options": data_options, "gen_counts": list(gen),
+        "eval_size": args.eval_size,
         "threads": args.threads, "machine": "CPU", "seeds": rows, "summary": summary(rows),
     }
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -14,9 +14,11 @@ posterior parameters per pixel. The location logits are the network's output tim
 so that a unit of network output can separate a peak from the ``D`` background pixels whatever
 the canvas size. Locations are drawn one after another from the categorical over pixels, each
 time masking out a ``peak_window`` square around the earlier draws (``peak_window=1`` masks the
-pixel itself, as in the paper; the default 5 stops a second draw from landing next to the same
-object's peak). The appearance posterior is read from the feature map at the drawn location (a
-relaxed location reads a weighted average), and reparameterised.
+pixel itself, as in the paper; the default 9 stops a second draw from landing on the same
+object, and a secondary mode a few pixels from an object's peak from counting as a second object:
+with a 5x5 window one seed in two over-counted 0.9% of the scenes that way). The appearance
+posterior is read from the feature map at the drawn location (a relaxed location reads a
+weighted average), and reparameterised.
 
 Counting (documented rule): the number of objects is the number of local maxima of the location
 logit map (maxima of a ``peak_window`` x ``peak_window`` neighbourhood) whose logit exceeds
@@ -37,8 +39,8 @@ most 4096 (tiny images).
 
 Warm-up (``warmup_steps``): for the first steps an auxiliary ``KL(t || q(first location))``
 pulls the location softmax towards a map ``t`` peaked where a sprite-sized window holds the most
-foreground, fading out between ``warmup_steps`` and twice that (see :meth:`LAVAE._kl_map`). The
-paper also forces ``n = 1`` early on; that is not done here.
+foreground, fading out between ``warmup_steps`` and twice that (see :meth:`LAVAE._kl_map`).
+``warmup_single_object`` also forces ``n = 1`` on the same schedule, as the paper does.
 """
 
 from __future__ import annotations
@@ -73,10 +75,11 @@ class LAVAEConfig:
     hidden: int = 256
     estimator: str = "concrete"
     threshold: float = 0.0  # on the location logits; see the counting rule above
-    peak_window: int = 5  # odd; local-maximum neighbourhood and suppression square
+    peak_window: int = 9  # odd; local-maximum neighbourhood and suppression square
     likelihood: str = "bernoulli"  # or "gaussian" (grayscale), with std gaussian_std
     gaussian_std: float = 0.1
     warmup_steps: int = 200  # KL-map warm-up: full weight until here, fading out by twice this
+    warmup_single_object: bool = False  # also force n = 1 during the warm-up (the paper's second warm-up)
 
     def __post_init__(self) -> None:
         if self.max_objects < 1:
@@ -95,6 +98,11 @@ class LocationAppearanceNet(nn.Module):
     The trunk works on 4x4 pixel cells (space-to-depth), 3x cheaper on a CPU than a
     full-resolution U-Net, and gives every cell 16 sub-pixel outputs (depth-to-space), so a
     peak can still sit on any pixel. Receptive field 44 pixels: a whole 20x20 digit.
+
+    Training reads whole maps (:meth:`forward`); deterministic inference needs only the location
+    map and the appearance at K peaks (:meth:`location_logits`, :meth:`appearance_at`), which
+    skips 95% of the head and the depth-to-space of the appearance maps (the costliest op of the
+    exported graph).
     """
 
     CELL = 4
@@ -102,6 +110,7 @@ class LocationAppearanceNet(nn.Module):
     def __init__(self, in_channels: int, channels: int, appearance_dim: int):
         super().__init__()
         c, cells = channels, self.CELL**2
+        self.appearance_dim = appearance_dim
         self.net = nn.Sequential(
             nn.Conv2d(in_channels * cells, c, 3, padding=1), nn.ReLU(),
             nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
@@ -111,15 +120,38 @@ class LocationAppearanceNet(nn.Module):
         )
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # space-to-depth and back by reshapes (nn.PixelShuffle is several times slower on a CPU)
+    def features(self, x: Tensor) -> Tensor:
+        """Trunk features per cell ``[B, c, H/4, W/4]``."""
+        # space-to-depth by reshapes (nn.PixelUnshuffle is several times slower on a CPU)
         _, c, h, w = x.shape
         k = self.CELL
         cells = x.reshape(-1, c, h // k, k, w // k, k).permute(0, 1, 3, 5, 2, 4).reshape(-1, c * k * k, h // k, w // k)
-        out = self.net(cells)
+        return self.net[:-1](cells)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _, _, h, w = x.shape
+        k = self.CELL
+        out = self.net[-1](self.features(x))  # channel = output * 16 + sub-pixel (row * 4 + column)
         out = out.reshape(-1, out.shape[1] // (k * k), k, k, h // k, w // k).permute(0, 1, 4, 2, 5, 3)
         out = out.reshape(-1, out.shape[1], h, w)
         return out[:, 0], out[:, 1:]  # [B, H, W], [B, 2Z, H, W]
+
+    def location_logits(self, features: Tensor) -> Tensor:
+        """The location map ``[B, H, W]`` of :meth:`forward`, from the head's 16 location rows
+        only (depth-to-space of 1 channel instead of 21)."""
+        head, k = self.net[-1], self.CELL
+        out = F.conv2d(features, head.weight[: k * k], head.bias[: k * k])  # [B, 16 sub-pixels, H/4, W/4]
+        _, _, h, w = out.shape
+        return out.reshape(-1, k, k, h, w).permute(0, 3, 1, 4, 2).reshape(-1, h * k, w * k)
+
+    def appearance_at(self, features: Tensor, cell: Tensor, sub: Tensor) -> Tensor:
+        """Appearance means ``[B, K, Z]`` at the pixels in flat cell ``cell`` ``[B, K]``,
+        sub-pixel ``sub`` ``[B, K]``: the head applied at those K cells only."""
+        head, k, z = self.net[-1], self.CELL**2, self.appearance_dim
+        f = features.flatten(2).gather(2, cell.unsqueeze(1).expand(-1, features.shape[1], -1)).transpose(1, 2)
+        params = F.linear(f, head.weight[k : k * (1 + z), :, 0, 0], head.bias[k : k * (1 + z)])
+        params = params.reshape(*cell.shape, z, k)  # [B, K, Z, 16 sub-pixels]
+        return params.gather(3, sub[:, :, None, None].expand(-1, -1, z, 1)).squeeze(3)
 
 
 class SpriteDecoder(nn.Module):
@@ -141,15 +173,14 @@ class SpriteDecoder(nn.Module):
 def local_maxima(logits: Tensor, window: int, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` largest local maxima of ``[B, H, W]`` maps: (values ``[B, k]`` sorted
     descending, flat indices ``[B, k]``). A pixel is a local maximum when it is the largest
-    of its ``window`` x ``window`` neighbourhood (ties count); non-maxima rank as -inf."""
+    of its ``window`` x ``window`` neighbourhood (ties count). With fewer than ``k`` maxima
+    (tiny images) the rest are arbitrary non-maxima, whose values are still their own logits."""
     r = window // 2
     pooled = F.max_pool2d(logits.unsqueeze(1), (1, window), stride=1, padding=(0, r))  # separable: cheaper
     pooled = F.max_pool2d(pooled, (window, 1), stride=1, padding=(r, 0)).squeeze(1)
     peaks = torch.where(logits >= pooled, logits, torch.full_like(logits, -math.inf)).flatten(1)
-    values, index = peaks.topk(k, dim=1)
-    # fewer maxima than k (tiny images): fall back to the raw logit there, still below the others
-    values = torch.where(torch.isfinite(values), values, logits.flatten(1).gather(1, index))
-    return values, index
+    index = peaks.topk(k, dim=1).indices
+    return logits.flatten(1).gather(1, index), index
 
 
 def count_objects(logits: Tensor, threshold: float, window: int, max_objects: int) -> Tensor:
@@ -209,6 +240,12 @@ class LAVAE(Encoder):
         self.background = nn.Parameter(torch.tensor(-4.0))  # background logit: p = sigmoid(-4)
         self.count_prior_logits = nn.Parameter(torch.zeros(config.max_objects + 1))
         self.estimator = build_estimator(config.estimator, "categorical", num_classes=self.num_pixels)
+        # per-pixel lookups, one gather each in the exported graph instead of index arithmetic
+        y, x = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+        position = torch.stack([(x.float() + 0.5) * (2.0 / w) - 1.0, (y.float() + 0.5) * (2.0 / h) - 1.0], -1)
+        self.register_buffer("pixel_position", position, persistent=False)  # [D, 2]
+        self.register_buffer("pixel_cell", (y // cell) * (w // cell) + x // cell, persistent=False)
+        self.register_buffer("pixel_sub", (y % cell) * cell + x % cell, persistent=False)
 
     # --- contract -------------------------------------------------------------------------
     @property
@@ -237,15 +274,13 @@ class LAVAE(Encoder):
         raw, appearance = self.net(x)
         logits = raw * self.log_d  # [B, H, W]
         cfg = self.config
-        peaks, peak_index = local_maxima(logits, cfg.peak_window, cfg.max_objects)
+        peaks, _ = local_maxima(logits, cfg.peak_window, cfg.max_objects)
         at_least = torch.sigmoid((peaks - cfg.threshold) / self.log_d)  # q(n >= k), k = 1..M
         ones, zeros = torch.ones_like(at_least[:, :1]), torch.zeros_like(at_least[:, :1])
         count_probs = torch.cat([ones, at_least], 1) - torch.cat([at_least, zeros], 1)  # q(n = k)
         return {
             "logits": logits.flatten(1),
             "appearance": appearance.flatten(2),  # [B, 2Z, D]
-            "peaks": peaks,
-            "peak_index": peak_index,
             "at_least": at_least,
             "count_probs": count_probs.clamp_min(0.0),
         }
@@ -264,10 +299,20 @@ class LAVAE(Encoder):
         return mu, logvar.clamp(-8.0, 6.0)
 
     def _position(self, index: Tensor) -> Tensor:
-        _, h, w = self.image_shape
-        x = (index % w).float() + 0.5
-        y = torch.div(index, w, rounding_mode="floor").float() + 0.5
-        return torch.stack([x * (2.0 / w) - 1.0, y * (2.0 / h) - 1.0], -1)
+        """Pixel centres of flat indices ``[...]`` in +-1 units ``[..., 2]``."""
+        return self.pixel_position[index]
+
+    def _detect(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Deterministic inference, without the full appearance maps: (trunk features, peak
+        logits ``[B, K]``, peak indices ``[B, K]``)."""
+        cfg = self.config
+        features = self.net.features(images)
+        logits = self.net.location_logits(features) * self.log_d
+        peaks, index = local_maxima(logits, cfg.peak_window, cfg.max_objects)
+        return features, peaks, index
+
+    def _mean_appearance(self, features: Tensor, index: Tensor) -> Tensor:
+        return self.net.appearance_at(features, self.pixel_cell[index], self.pixel_sub[index])
 
     # --- likelihood -------------------------------------------------------------------------
     def _nll(self, total: Tensor, x: Tensor) -> Tensor:
@@ -293,12 +338,12 @@ class LAVAE(Encoder):
 
     # --- contract: encode -------------------------------------------------------------------
     def encode(self, images: Tensor, deterministic: bool = True) -> EncoderOutput:
-        post = self._posterior(images)
         if deterministic:
-            index, presence = post["peak_index"], post["at_least"]
-            mu, _ = self._appearance_at(post, index)
-            what = mu
+            features, peaks, index = self._detect(images)
+            presence = torch.sigmoid((peaks - self.config.threshold) / self.log_d)  # q(n >= k)
+            what = self._mean_appearance(features, index)
         else:
+            post = self._posterior(images)
             index, n = self._sample_hard(post, 1)
             index, n = index[0], n[0]
             mu, logvar = self._appearance_at(post, index)
@@ -309,9 +354,9 @@ class LAVAE(Encoder):
 
     def count(self, images: Tensor) -> Tensor:
         """Predicted object counts ``[N]`` by the counting rule."""
-        raw, _ = self.net(images)
         cfg = self.config
-        return count_objects(raw * self.log_d, cfg.threshold, cfg.peak_window, cfg.max_objects)
+        logits = self.net.location_logits(self.net.features(images)) * self.log_d
+        return count_objects(logits, cfg.threshold, cfg.peak_window, cfg.max_objects)
 
     # --- training ---------------------------------------------------------------------------
     def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:
@@ -324,7 +369,14 @@ class LAVAE(Encoder):
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             noise = dist.uniform(shape_probe)
         rows, _ = sequential_masks(post["logits"], noise, (h, w), self.config.peak_window)
-        q_n = post["count_probs"]
+        q_n, at_least = post["count_probs"], post["at_least"]
+        warm = min(1.0, max(0.0, 2.0 - step / self.config.warmup_steps)) if self.config.warmup_steps else 0.0
+        if self.config.warmup_single_object and warm > 0:
+            # q(n) pulled to n = 1: one sprite per scene first, so that sprites learn whole objects
+            # before several of them can share one (still an ELBO, for this q(n))
+            one = F.one_hot(torch.ones(b, dtype=torch.long, device=x.device), k + 1).to(q_n.dtype)
+            q_n = warm * one + (1.0 - warm) * q_n
+            at_least = warm * one[:, 1:] + (1.0 - warm) * at_least  # q(n >= k) of n = 1 is [1, 0, ...]
 
         def downstream(where: Tensor) -> Tensor:
             mu, logvar = self._appearance(post, where)
@@ -337,12 +389,11 @@ class LAVAE(Encoder):
         log_q = F.log_softmax(rows, -1)
         remaining = self.num_pixels - torch.arange(k, device=x.device, dtype=x.dtype)
         kl_where = (log_q.exp() * log_q).sum(-1) + remaining.log()  # KL to uniform without replacement
-        kl_where = (post["at_least"] * kl_where).sum(1)
+        kl_where = (at_least * kl_where).sum(1)
         log_prior_n = F.log_softmax(self.count_prior_logits, 0)
         kl_n = (q_n * (q_n.clamp_min(1e-12).log() - log_prior_n)).sum(1)
         extra = kl_where + kl_n
         neg_elbo = (est.loss + extra).mean().detach()
-        warm = min(1.0, max(0.0, 2.0 - step / self.config.warmup_steps)) if self.config.warmup_steps else 0.0
         if warm > 0:
             extra = extra + warm * self._kl_map(x, post["logits"])
         expected_n = (q_n * torch.arange(k + 1, device=x.device)).sum(1)
@@ -418,11 +469,10 @@ class LAVAE(Encoder):
 
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Deterministic reconstruction: (mean image, peak indices ``[B, K]``, presence ``[B, K]``)."""
-        post = self._posterior(images)
-        index = post["peak_index"]
-        mu, _ = self._appearance_at(post, index)
-        present = (post["peaks"] > self.config.threshold).to(images.dtype)
-        return -torch.expm1(-self._total(index, self.decoder(mu), present)), index, present
+        features, peaks, index = self._detect(images)
+        present = (peaks > self.config.threshold).to(images.dtype)
+        total = self._total(index, self.decoder(self._mean_appearance(features, index)), present)
+        return -torch.expm1(-total), index, present
 
     def visualize(self, images: Tensor) -> dict[str, Tensor]:
         from perception.train.images import draw_boxes
