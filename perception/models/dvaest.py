@@ -2,38 +2,55 @@
 
 A second network infers q(z|x, c) over the six parameters of
 :data:`perception.nn.spatial_transformer.PARAM_NAMES` (log scales, rotation, shear, centre)
-*for every class c*: the transform that aligns prototype c with the image. A single transform
-inferred without knowing the class cannot align one image with both its '1' and its '7'
-hypothesis, and then the class comparison is between misaligned prototypes (the idea of
-transformation-invariant clustering). The network's last layer is zero-initialised, so every
-image starts at the identity transform with a small posterior spread; the prior is
-N(0, prior_std^2) per parameter, centred on the identity. Each prototype is warped with
+plus a stroke "thickness" (a logit offset), *for every class c*: the transform that aligns
+prototype c with the image. A single transform inferred without knowing the class cannot align
+one image with both its '1' and its '7' hypothesis, and then the class comparison is between
+misaligned prototypes (the idea of transformation-invariant clustering). The network's last
+layer is zero-initialised, so every image starts at the identity transform with a small
+posterior spread; the prior is N(0, prior_std^2) per affine parameter (thickness:
+N(0, thickness_std^2)), centred on the identity. Each prototype is warped like
 :func:`~perception.nn.spatial_transformer.warp`, so it only has to explain a digit's shape, not
-its position, size or slant. The contract position is the chosen class's translation: where
-the prototype's centre lands.
+its position, size, slant or stroke width. The contract position is the chosen class's
+translation: where the prototype's centre lands.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from perception.models.dvae import DVAE, DVAEConfig
-from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params, warp
+from perception.models.dvae import PROB_EPS, DVAE, DVAEConfig
+from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params, crop
 
 INITIAL_LOGVAR = -6.0  # posterior std ~0.05 at the start: near-deterministic identity warps
 
 
 @dataclass
 class DVAESTConfig(DVAEConfig):
-    prior_std: float = 0.3  # prior N(0, prior_std^2) on every transform parameter
+    prior_std: float = 0.3  # prior N(0, prior_std^2) on every affine parameter
+    # A seventh latent, "thickness": an offset added to the warped prototype's logits. On a soft
+    # prototype that moves the 0.5 contour outward or inward, a cheap stand-in for the
+    # dilation/erosion of transformation-invariant clustering (stroke width varies a lot within
+    # a digit class). Prior N(0, thickness_std^2); 0 removes the latent.
+    thickness_std: float = 1.0
     # Training steps with every transform held at the identity, so the prototypes first settle
     # as plain k-means clusters. Off by default: on MNIST it gave ten distinct prototypes but
     # lower accuracy (docs/results/clustering.md).
     align_after: int = 0
+
+
+def inverse_affine_2d(matrix: Tensor) -> Tensor:
+    """Closed-form inverse of ``[..., 2, 3]`` affine matrices, so that ``crop(x, inverse)`` is
+    ``warp(x, matrix)`` without ``torch.linalg.inv`` (which the ONNX exporter cannot lower)."""
+    a, b, t0 = matrix[..., 0, 0], matrix[..., 0, 1], matrix[..., 0, 2]
+    c, d, t1 = matrix[..., 1, 0], matrix[..., 1, 1], matrix[..., 1, 2]
+    det = a * d - b * c
+    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
+    row0 = torch.stack([ia, ib, -(ia * t0 + ib * t1)], dim=-1)
+    row1 = torch.stack([ic, id_, -(ic * t0 + id_ * t1)], dim=-1)
+    return torch.stack([row0, row1], dim=-2)
 
 
 class DVAEST(DVAE):
@@ -42,7 +59,7 @@ class DVAEST(DVAE):
 
     def __init__(self, config: DVAESTConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        d, num = len(PARAM_NAMES), config.num_classes
+        d, num = len(self.transform_names), config.num_classes
         self.to_transform = nn.Sequential(
             nn.Linear(config.hidden, config.hidden), nn.ReLU(), nn.Linear(config.hidden, num * 2 * d)
         )
@@ -54,27 +71,46 @@ class DVAEST(DVAE):
 
     @property
     def transform_names(self) -> list[str]:
-        return list(PARAM_NAMES)
+        return list(PARAM_NAMES) + (["thickness"] if self.config.thickness_std > 0 else [])
 
     def transform(
         self, images: Tensor, hidden: Tensor, deterministic: bool, step: int | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
+        n, num, d = images.shape[0], self.num_classes, len(self.transform_names)
         if step is not None and step < self.config.align_after:
-            n, num, d = images.shape[0], self.num_classes, len(PARAM_NAMES)
-            z = images.new_zeros(n, num, d)
-            return z, images.new_zeros(n, num), affine_from_params(z)
-        out = self.to_transform(hidden).view(hidden.shape[0], self.num_classes, 2, len(PARAM_NAMES))
+            return images.new_zeros(n, num, d), images.new_zeros(n, num)
+        out = self.to_transform(hidden).view(n, num, 2, d)
         mu, logvar = out[:, :, 0], out[:, :, 1].clamp(-12.0, 4.0)
         z = mu if deterministic else mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        log_var_p = 2.0 * math.log(self.config.prior_std)
-        kl = 0.5 * ((mu.pow(2) + logvar.exp()) / math.exp(log_var_p) - 1.0 - logvar + log_var_p).sum(-1)
-        return z, kl, affine_from_params(z)
+        stds = [self.config.prior_std] * len(PARAM_NAMES) + [self.config.thickness_std] * (d - len(PARAM_NAMES))
+        log_var_p = 2.0 * torch.log(torch.tensor(stds, dtype=mu.dtype, device=mu.device))
+        kl = 0.5 * ((mu.pow(2) + logvar.exp()) / log_var_p.exp() - 1.0 - logvar + log_var_p).sum(-1)
+        return z, kl
 
-    def placed(self, matrix: Tensor | None) -> Tensor:
+    def apply(self, objects: Tensor, params: Tensor) -> Tensor:
+        """Warp ``objects`` ``[M, C, H, W]`` by ``params`` ``[M, T]`` and shift their logits by the
+        thickness (when the model has one)."""
+        warped = crop(objects, inverse_affine_2d(affine_from_params(params[:, : len(PARAM_NAMES)])))
+        if params.shape[-1] == len(PARAM_NAMES):
+            return warped
+        logits = torch.logit(warped.clamp(PROB_EPS, 1.0 - PROB_EPS)) + params[:, -1, None, None, None]
+        return torch.sigmoid(logits)
+
+    def place_one(self, proto: Tensor, params: Tensor) -> Tensor:
+        return self.apply(proto.expand(params.shape[0], *proto.shape), params)
+
+    def placed(self, params: Tensor) -> Tensor:
         protos = self.prototypes()
-        n, num = matrix.shape[:2]
+        n, num = params.shape[:2]
         stacked = protos.unsqueeze(0).expand(n, -1, -1, -1, -1).flatten(0, 1)
-        return warp(stacked, matrix.flatten(0, 1)).view(n, num, *protos.shape[1:])
+        return self.apply(stacked, params.flatten(0, 1)).view(n, num, *protos.shape[1:])
 
     def position(self, params: Tensor) -> Tensor:
         return params[:, 4:6].unsqueeze(1)
+
+    def aligned(self, images: Tensor, params: Tensor) -> Tensor:
+        return crop(images, affine_from_params(params[:, : len(PARAM_NAMES)]))
+
+    def class_rows(self) -> list[Tensor]:
+        last = self.to_transform[-1]
+        return super().class_rows() + [last.weight, last.bias]
