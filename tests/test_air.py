@@ -13,7 +13,7 @@ from perception.nn.glimpse import cut, paste, warp_affine
 from perception.nn.spatial_transformer import affine_from_params, affine_matrix, crop, warp
 
 ESTIMATORS = ["reinforce", "nvil", "concrete", "rebar", "relax", "exact"]
-TINY = {"hidden": 32, "embed": 32, "mlp": 32, "what_dim": 4, "input_pool": 4}
+TINY = {"hidden": 32, "embed": 32, "mlp": 32, "what_dim": 4, "input_pool": 4, "keypoints": 2}
 SHAPE = (1, 64, 64)
 
 
@@ -163,3 +163,28 @@ def test_dair_starts_from_an_air_checkpoint(tmp_path):
         other = tiny("dair", init_from=str(tmp_path / "dair.pt"))
         atomic_save(encoder_state(dair, "test"), tmp_path / "dair.pt")
         other.train().loss({"image": images(4)}, step=0)
+
+
+@pytest.mark.parametrize("name", ["air", "dair"])
+def test_importance_weights_are_a_tighter_bound(name):
+    model = tiny(name).eval()
+    x = images(6)
+    with torch.no_grad():
+        if name == "air":  # the sampled log ratios average to minus the analytic KLs
+            steps = model.run_steps(x.repeat(200, 1, 1, 1), 3, sample=True, threshold=False)
+            kl = model.run_steps(x, 3, sample=False, threshold=False)
+            assert torch.allclose(-steps.where_log_ratio.view(200, 6, 3).mean(0), kl.where_kl, rtol=0.1, atol=0.3)
+            what = torch.stack([o.log_ratio for o in steps.objects], 1).view(200, 6, 3).mean(0)
+            assert torch.allclose(-what, torch.stack([o.kl for o in kl.objects], 1), rtol=0.1, atol=0.5)
+        iw = model.importance_weighted_nll(x, 10)
+    assert iw.shape == (6,) and torch.isfinite(iw).all()
+    neg_elbo = model.loss({"image": x}, step=10**9).metrics["neg_elbo"]
+    assert float(iw.mean()) <= neg_elbo + 1.0
+
+
+def test_dair_refuses_an_air_with_other_keypoints(tmp_path):
+    from perception.train.checkpoint import atomic_save, encoder_state
+
+    atomic_save(encoder_state(tiny("air", keypoints=4), "test"), tmp_path / "air.pt")
+    with pytest.raises(Exception, match="keypoints"):
+        tiny("dair", init_from=str(tmp_path / "air.pt")).train().loss({"image": images(4)}, step=0)

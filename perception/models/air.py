@@ -15,6 +15,16 @@ estimator as a categorical with loss ``F[n]``, so all six estimators run unchang
 ones (reinforce, nvil) see the realised cost, relaxed ones (concrete, rebar, relax) a convex
 combination of the F's, and ``exact`` sums over the K+1 counts. KL(q(n) || p(n)) is analytic.
 
+Finding the next object. Besides an MLP code of the residual, the LSTM reads spatial-softmax
+keypoints of it (where the unexplained mass is, in coordinates a linear where-head can use):
+without them, with some seeds, a middle step learned a fixed "mean" location and wrote a faint
+ghost there while the next step found the real digit, and "once off, stays off" kept the ghost
+on. Early in training the where/what networks also fit every count (``explore``), so each prefix
+of the steps must explain the image on its own.
+
+Importance-weighted NLL: each sample draws the steps' where and what from q and sums the count
+out exactly (the F[n] above with sampled log ratios instead of KLs).
+
 Coordinates: z_where's (x, y) is the glimpse centre in the contract's [-1, 1] units (x right, y
 down) and the scale is the glimpse's width as a fraction of the canvas, so ``position`` is (x, y)
 directly (the conventions of :mod:`perception.nn.spatial_transformer`; the sampling itself is
@@ -54,6 +64,7 @@ class AIRConfig:
     embed: int = 128  # residual-image embedding fed to the LSTM
     input_pool: int = 2  # the LSTM sees the residual average-pooled by this factor (CPU cost)
     mlp: int = 128  # glimpse encoder / decoder width
+    keypoints: int = 8  # spatial-softmax keypoints of the residual fed to the LSTM (0: none)
     estimator: str = "exact"  # for the presence count (K+1 states: enumeration is cheap and exact)
     likelihood_std: float = 0.3  # Gaussian pixel likelihood on [0, 1] images
     object_size: float = 20 / 64  # prior mean of the glimpse width, fraction of the canvas
@@ -63,6 +74,8 @@ class AIRConfig:
     pres_prior_end: float = 1e-5
     pres_anneal_steps: int = 5000  # log-linear annealing
     what_kl_weight: float = 1.0
+    explore: float = 0.5  # where/what also fit every count n (mean of F[n]) with this weight...
+    explore_steps: int = 3000  # ...decaying linearly to 0 (ELBO alone) over these steps
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.glimpse_size < 2 or self.what_dim < 1 or self.input_pool < 1:
@@ -80,6 +93,7 @@ class ObjectCode(NamedTuple):
     feedback: Tensor  # [B, E] fed to the LSTM at the next step
     class_probs: Tensor | None = None  # [B, classes]
     aux_loss: Tensor | None = None  # [B] extra per-object training loss (not in the ELBO)
+    log_ratio: Tensor | None = None  # [B] log p(latents) - log q(latents) at the values used
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -109,7 +123,8 @@ class GaussianWhat(nn.Module):
         logvar = logvar.clamp(-10.0, 10.0)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
         appearance = torch.sigmoid(self.decoder(z)).view(-1, *self.shape)
-        return ObjectCode(z, gaussian_kl(mu, logvar), appearance, z)
+        log_ratio = (-0.5 * z.pow(2) + 0.5 * (z - mu).pow(2) / logvar.exp() + 0.5 * logvar).sum(-1)
+        return ObjectCode(z, gaussian_kl(mu, logvar), appearance, z, log_ratio=log_ratio)
 
 
 class Steps(NamedTuple):
@@ -118,6 +133,7 @@ class Steps(NamedTuple):
     pres_logits: Tensor  # [B, K]
     where: Tensor  # [B, K, 3] (log scale, x, y), sampled or mean
     where_kl: Tensor  # [B, K]
+    where_log_ratio: Tensor  # [B, K] log p(z_where) - log q(z_where) at the values used
     objects: list[ObjectCode]
     contributions: Tensor  # [B, K, C, H, W] what each step writes
     on: Tensor  # [B, K] 1 where the step is on (all ones in the training pass)
@@ -136,7 +152,13 @@ class AIR(Encoder):
         self.embed = nn.Sequential(
             nn.AvgPool2d(pool), nn.Flatten(), nn.Linear(c * (h // pool) * (w // pool), config.embed), nn.ReLU()
         )
-        self.rnn = nn.LSTMCell(config.embed + 3 + self.objects.feedback_dim + 1, config.hidden)
+        m = config.keypoints
+        self.keypoint_maps = (
+            nn.Sequential(nn.AvgPool2d(pool), nn.Conv2d(c, 16, 5, padding=2), nn.ReLU(), nn.Conv2d(16, m, 5, padding=2))
+            if m
+            else None
+        )
+        self.rnn = nn.LSTMCell(config.embed + 2 * m + 3 + self.objects.feedback_dim + 1, config.hidden)
         self.pres_head = nn.Linear(config.hidden, 1)
         self.where_head = nn.Linear(config.hidden, 6)
         with torch.no_grad():  # glimpses start centred at digit size, with a small spread
@@ -201,9 +223,11 @@ class AIR(Encoder):
         prev_what = images.new_zeros(n, self.objects.feedback_dim)
         prev_on = images.new_ones(n, 1)
         embedding = self.embed(images)
-        logits, wheres, kls, objects, contributions, ons = [], [], [], [], [], []
+        logits, wheres, kls, ratios, objects, contributions, ons = [], [], [], [], [], [], []
         for t in range(k):
             residual = embedding if t == 0 else self.embed(images - canvas.detach())
+            if self.keypoint_maps is not None:
+                residual = torch.cat([residual, self.keypoints(images - canvas.detach())], -1)
             state = self.rnn(torch.cat([residual, prev_where, prev_what, prev_on], -1), state)
             hidden = state[0]
             pres_logit = self.pres_head(hidden).squeeze(-1)
@@ -215,6 +239,13 @@ class AIR(Encoder):
                 + (std.pow(2) + (mean - self.where_prior_mean).pow(2)) / (2 * self.where_prior_std.pow(2))
                 - 0.5
             ).sum(-1)
+            ratios.append(
+                (
+                    torch.log(std / self.where_prior_std)
+                    - 0.5 * ((where - self.where_prior_mean) / self.where_prior_std).pow(2)
+                    + 0.5 * ((where - mean) / std).pow(2)
+                ).sum(-1)
+            )
             scale, centre = where[:, 0].exp(), where[:, 1:]
             obj = self.objects(cut(images, scale, centre, (g, g)), sample)
             contribution = paste(obj.appearance, scale, centre, (h, w))
@@ -233,15 +264,29 @@ class AIR(Encoder):
             ons.append(on)
             prev_where, prev_what, prev_on = where, obj.feedback, on.unsqueeze(-1)
         return Steps(
-            torch.stack(logits, 1), torch.stack(wheres, 1), torch.stack(kls, 1), objects,
+            torch.stack(logits, 1), torch.stack(wheres, 1), torch.stack(kls, 1), torch.stack(ratios, 1), objects,
             torch.stack(contributions, 1), torch.stack(ons, 1), embedding,
         )
+
+    def keypoints(self, residual: Tensor) -> Tensor:
+        """``[N, 2M]`` expected (x, y) of each map's spatial softmax: where the unexplained
+        mass is, in a form a linear where-head can read (an MLP embedding localises poorly)."""
+        maps = self.keypoint_maps(residual)
+        n, m, h, w = maps.shape
+        weights = F.softmax(maps.flatten(2), -1).view(n, m, h, w)
+        xs = (2 * torch.arange(w, dtype=maps.dtype, device=maps.device) + 1) / w - 1
+        ys = (2 * torch.arange(h, dtype=maps.dtype, device=maps.device) + 1) / h - 1
+        return torch.cat([(weights.sum(2) * xs).sum(-1), (weights.sum(3) * ys).sum(-1)], -1)
 
     # --- training ---------------------------------------------------------------------------
     def pres_prior(self, step: int) -> float:
         cfg = self.config
         frac = min(1.0, step / cfg.pres_anneal_steps) if cfg.pres_anneal_steps > 0 else 1.0
         return math.exp((1 - frac) * math.log(cfg.pres_prior_start) + frac * math.log(cfg.pres_prior_end))
+
+    def explore_weight(self, step: int) -> float:
+        cfg = self.config
+        return cfg.explore * max(0.0, 1.0 - step / cfg.explore_steps) if cfg.explore_steps > 0 else 0.0
 
     @staticmethod
     def count_log_probs(pres_logits: Tensor) -> Tensor:
@@ -262,14 +307,16 @@ class AIR(Encoder):
         nll = 0.5 * ((images - mean) / s).pow(2) + math.log(s) + 0.5 * math.log(2 * math.pi)
         return nll.flatten(-3).sum(-1)
 
-    def count_costs(self, images: Tensor, steps: Steps) -> Tensor:
-        """``[B, K+1]``: F[n] = -log p(x | first n objects) + their KLs."""
-        zero = torch.zeros_like(steps.contributions[:, :1])
-        canvases = torch.cat([zero, steps.contributions], 1).cumsum(1)  # [B, K+1, C, H, W]
+    def count_costs(self, images: Tensor, contributions: Tensor, kl: Tensor) -> Tensor:
+        """``[B, K+1]``: F[n] = -log p(x | first n objects) + their costs ``kl`` ``[B, K]``."""
+        zero = torch.zeros_like(contributions[:, :1])
+        canvases = torch.cat([zero, contributions], 1).cumsum(1)  # [B, K+1, C, H, W]
         nll = self.gaussian_nll(canvases, images.unsqueeze(1))
-        object_kl = torch.stack([o.kl for o in steps.objects], 1)
-        kl = steps.where_kl + self.config.what_kl_weight * object_kl
         return nll + torch.cat([torch.zeros_like(kl[:, :1]), kl.cumsum(1)], 1)
+
+    def object_kls(self, steps: Steps) -> Tensor:
+        object_kl = torch.stack([o.kl for o in steps.objects], 1)
+        return steps.where_kl + self.config.what_kl_weight * object_kl
 
     def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:
         loss, metrics, _, _ = self.loss_terms(batch["image"], step)
@@ -279,7 +326,7 @@ class AIR(Encoder):
         """Per-image loss ``[B]``, metrics, the steps and P(step t on) ``[B, K]``."""
         k = self.config.max_steps
         steps = self.run_steps(x, k, sample=True, threshold=False)
-        costs = self.count_costs(x, steps)
+        costs = self.count_costs(x, steps.contributions, self.object_kls(steps))
         log_q = self.count_log_probs(steps.pres_logits)
         q = log_q.exp()
         count_kl = (q * (log_q - self.count_prior(k, step, x))).sum(-1)
@@ -287,6 +334,7 @@ class AIR(Encoder):
         if self.training:
             est = self.estimator(log_q, lambda s: (s * costs).sum(-1), context=steps.embedding)
             loss = est.surrogate + count_kl
+            loss = loss + self.explore_weight(step) * costs.mean(-1)
         else:  # evaluation: the exact expectation over counts, no estimator needed
             loss = neg_elbo
         on_prob = log_q.new_ones(()) - log_q[:, :-1].exp().cumsum(1)  # P(step t on) = P(n >= t+1)
@@ -300,6 +348,25 @@ class AIR(Encoder):
             "pres_prior": self.pres_prior(step),
         }
         return loss, metrics, steps, on_prob
+
+    def importance_weighted_nll(self, images: Tensor, num_samples: int, batch: int = 100) -> Tensor:
+        """IWAE bound ``-log (1/S sum_s p(x, z_s) / q(z_s | x))`` in nats per image, ``[N]``, at the
+        final count prior. Each sample draws every step's where / what from q; the presence
+        configuration is summed out exactly (sum over s of p(config) p(x | objects on) times the
+        on objects' prior / posterior ratios), which is the importance weight of the steps'
+        latents with the configuration marginalised, so it needs no presence sample."""
+        k = self.config.max_steps
+        out = []
+        for start in range(0, len(images), batch):
+            x = images[start : start + batch]
+            prior = self.count_prior(k, 10**12, x)
+            log_w = []
+            for _ in range(num_samples):
+                steps = self.run_steps(x, k, sample=True, threshold=False)
+                ratio = steps.where_log_ratio + torch.stack([o.log_ratio for o in steps.objects], 1)
+                log_w.append(torch.logsumexp(prior - self.count_costs(x, steps.contributions, -ratio), -1))
+            out.append(-(torch.logsumexp(torch.stack(log_w), 0) - math.log(num_samples)))
+        return torch.cat(out)
 
     # --- pictures -----------------------------------------------------------------------------
     def visualize(self, images: Tensor) -> dict[str, Tensor]:

@@ -57,6 +57,8 @@ class DAIRConfig(AIRConfig):
     usage_decay: float = 0.99
     prototype_init_step: int = 0  # k-means++ on present glimpses at the first training step >= this
     init_from: str = ""  # AIR checkpoint (path or bundled name) to start the localisation from
+    keypoints: int = 0  # the bundled DAIR was trained before AIR's residual keypoints
+    explore: float = 0.0
 
 
 class PrototypeWhat(nn.Module):
@@ -117,7 +119,11 @@ class PrototypeWhat(nn.Module):
         chosen_transform = (choice.unsqueeze(-1) * transforms).sum(1)
         kl = (log_q.exp() * (log_q + math.log(c))).sum(-1) + (choice * transform_kl).sum(-1)
         features = torch.cat([chosen_transform, choice], -1)
-        return ObjectCode(features, kl, appearance, features, log_q.exp(), aux)
+        # For importance weights the class is what the canvas used: q is a point mass on the
+        # argmax (log q = 0) against a uniform prior, so the ratio is -log C plus the transform's.
+        transform_ratio = (std.log() - math.log(prior) - 0.5 * (transforms / prior).pow(2) + 0.5 * ((transforms - mean) / std).pow(2)).sum(-1)
+        log_ratio = (choice * transform_ratio).sum(-1) - math.log(c)
+        return ObjectCode(features, kl, appearance, features, log_q.exp(), aux, log_ratio)
 
     @torch.no_grad()
     def init_prototypes(self, glimpses: Tensor, generator: torch.Generator | None = None) -> bool:
@@ -209,12 +215,14 @@ class DAIR(AIR):
         state = read_checkpoint(resolve_encoder_path(source))
         if state["model"] != "air" or tuple(state["image_shape"]) != self.image_shape:
             raise CheckpointError(f"init_from: {source} is not an AIR checkpoint for images {list(self.image_shape)}")
+        if state["model_config"].get("keypoints", 0) != self.config.keypoints:
+            raise CheckpointError(f"init_from: {source} has keypoints={state['model_config'].get('keypoints', 0)}; give dair the same keypoints option")
         weights = state["state_dict"]
         own = self.state_dict()
-        keep = self.config.embed + 3
+        keep = self.config.embed + 2 * self.config.keypoints + 3
         for name, value in weights.items():
             prefix = name.split(".")[0]
-            if prefix not in ("embed", "rnn", "pres_head", "where_head"):
+            if prefix not in ("embed", "keypoint_maps", "rnn", "pres_head", "where_head"):
                 continue
             if name == "rnn.weight_ih":
                 target = torch.zeros_like(own[name])
