@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="dvaest", choices=MODELS)
     p.add_argument("--estimator", default=None, help="discrete estimator (default: the model's)")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
+    p.add_argument("--seed-list", type=int, nargs="+", metavar="SEED", help="these seeds instead of 0 .. N-1")
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
@@ -144,16 +145,17 @@ def main(argv: list[str]) -> int:
         args.clusters = [len(np.unique(make_dataset(args.dataset, "train", data_dir=args.data_dir).labels))]
     for num_clusters in args.clusters:
         name = f"{args.dataset}-{args.model}-{estimator}-L{num_clusters}" + (f"-{args.tag}" if args.tag else "")
-        run_dirs = [out / "runs" / f"{name}-s{seed}" for seed in range(args.seeds)]
+        seed_ids = args.seed_list or list(range(args.seeds))
+        run_dirs = [out / "runs" / f"{name}-s{seed}" for seed in seed_ids]
         if args.jobs > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(run_seed_job, args, num_clusters, s, d) for s, d in enumerate(run_dirs)]
+                futures = [pool.submit(run_seed_job, args, num_clusters, s, d) for s, d in zip(seed_ids, run_dirs)]
                 seeds = [f.result() for f in futures]
         else:
-            seeds = [run_seed_job(args, num_clusters, s, d) for s, d in enumerate(run_dirs)]
+            seeds = [run_seed_job(args, num_clusters, s, d) for s, d in zip(seed_ids, run_dirs)]
         for run_dir, result in zip(run_dirs, seeds):
             print(json.dumps({"run": run_dir.name, **result}), flush=True)
         summary = {k: summarise(r[k] for r in seeds) for k in ("accuracy", "neg_elbo", "nll", "kl", "train_seconds")}
