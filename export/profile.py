@@ -16,7 +16,6 @@ import collections
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,6 @@ import numpy as np
 from perception.cli import run_cli
 
 TOP = 12
-
-
-def _cpu_ms_per_call(calls: dict[str, Any], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(2):
-        for call in calls.values():
-            call()
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.process_time()
-            call()
-            times[name].append(time.process_time() - start)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def _torch_ops(encoder: Any, images: Any, runs: int) -> collections.Counter:
@@ -107,7 +93,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from export.bench import _encoders
+    from export.bench import _alternating_timings, _encoders
     from export.onnx_export import export_onnx
     from export.runtime import OnnxEncoder
     from perception.errors import PerceptionError
@@ -125,8 +111,8 @@ def main(argv: list[str]) -> int:
         in_file, optimized = optimized_node_counts(path, args.threads, tmp)
         session = OnnxEncoder(path, device="cpu", threads=args.threads)
         with torch.inference_mode():
-            calls = {"torch": lambda: encoder(as_torch), "onnxruntime": lambda: session(images)}
-            cpu = _cpu_ms_per_call(calls, args.repeats)
+            timed = _alternating_timings([lambda: encoder(as_torch), lambda: session(images)], 2, args.repeats, 1e9)
+            cpu = {name: 1e3 * statistics.median(t[1]) for name, t in zip(("torch", "onnxruntime"), timed)}
         torch_ops = _torch_ops(encoder, as_torch, args.runs)
         ort_ops = _onnxruntime_ops(path, args.threads, images, args.runs, tmp)
     print(f"{args.name} ({source}), batch {args.batch}, {args.threads} thread(s); CPU ms per call: torch "

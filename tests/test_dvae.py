@@ -67,13 +67,6 @@ def test_scale_enlarges_and_crop_inverts_warp():
     assert torch.allclose(warp(y, invert_affine(m)), crop(y, m), atol=1e-5)
 
 
-def test_closed_form_inverse_matches_invert_affine():
-    from perception.models.dvaest import inverse_affine_2d
-
-    m = affine_from_params(torch.randn(5, 6) * 0.3)
-    assert torch.allclose(inverse_affine_2d(m), invert_affine(m), atol=1e-5)
-
-
 def test_invert_affine_composes_to_identity():
     m = affine_from_params(torch.randn(5, 6) * 0.3)
     inv = invert_affine(m)

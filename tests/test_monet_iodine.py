@@ -7,7 +7,7 @@ import torch
 
 from perception.data import make_dataset
 from perception.models import build_model
-from perception.models.iodine import IODINE, decoder_vjp, mixture_gradients, mixture_terms
+from perception.models.iodine import IODINE, mixture_gradients, mixture_terms
 from perception.models.lds import lds_penalty
 from perception.models.monet import MONet
 
@@ -98,7 +98,7 @@ def test_iodine_analytic_gradient_inputs_match_autograd():
     g_mu, g_logvar = torch.autograd.grad(loss, (mu, logvar))
     with torch.no_grad():
         d_out = torch.cat([t.flatten(0, 1) for t in _out_grads(x, means, logits, model)], 1)
-        d_z = decoder_vjp(model.decoder, [c.view(-1, 3, *c.shape[1:]) for c in cache], d_out.view(2, 3, *d_out.shape[1:]))
+        d_z = model.decoder.vjp([c.view(-1, 3, *c.shape[1:]) for c in cache], d_out.view(2, 3, *d_out.shape[1:]))
         std = (0.5 * logvar).exp()
         torch.testing.assert_close(d_z + 0.7 * mu, g_mu)
         torch.testing.assert_close(d_z * eps * 0.5 * std + 0.7 * 0.5 * (logvar.exp() - 1), g_logvar)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from perception.models.dvae import PROB_EPS, DVAE, DVAEConfig
-from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params, crop
+from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params, crop, warp
 
 INITIAL_LOGVAR = -6.0  # posterior std ~0.05 at the start: near-deterministic identity warps
 
@@ -39,18 +39,6 @@ class DVAESTConfig(DVAEConfig):
     # as plain k-means clusters. Off by default: on MNIST it gave ten distinct prototypes but
     # lower accuracy (docs/results/clustering.md).
     align_after: int = 0
-
-
-def inverse_affine_2d(matrix: Tensor) -> Tensor:
-    """Closed-form inverse of ``[..., 2, 3]`` affine matrices, so that ``crop(x, inverse)`` is
-    ``warp(x, matrix)`` without ``torch.linalg.inv`` (which the ONNX exporter cannot lower)."""
-    a, b, t0 = matrix[..., 0, 0], matrix[..., 0, 1], matrix[..., 0, 2]
-    c, d, t1 = matrix[..., 1, 0], matrix[..., 1, 1], matrix[..., 1, 2]
-    det = a * d - b * c
-    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
-    row0 = torch.stack([ia, ib, -(ia * t0 + ib * t1)], dim=-1)
-    row1 = torch.stack([ic, id_, -(ic * t0 + id_ * t1)], dim=-1)
-    return torch.stack([row0, row1], dim=-2)
 
 
 class DVAEST(DVAE):
@@ -90,7 +78,7 @@ class DVAEST(DVAE):
     def apply(self, objects: Tensor, params: Tensor) -> Tensor:
         """Warp ``objects`` ``[M, C, H, W]`` by ``params`` ``[M, T]`` and shift their logits by the
         thickness (when the model has one)."""
-        warped = crop(objects, inverse_affine_2d(affine_from_params(params[:, : len(PARAM_NAMES)])))
+        warped = warp(objects, affine_from_params(params[:, : len(PARAM_NAMES)]))
         if params.shape[-1] == len(PARAM_NAMES):
             return warped
         logits = torch.logit(warped.clamp(PROB_EPS, 1.0 - PROB_EPS)) + params[:, -1, None, None, None]

@@ -11,7 +11,7 @@ The gradients fed to the refinement network are computed without autograd, so th
 deterministic ``encode`` is plain tensor algebra (exportable to ONNX, runnable under
 ``torch.no_grad``): w.r.t. means and masks they are closed-form for the mixture (see
 :func:`mixture_terms`), w.r.t. the posterior they are a hand-written vector-Jacobian product
-through the decoder (:func:`decoder_vjp`) plus the Gaussian KL's own gradient.
+through the decoder (:meth:`SpatialBroadcastDecoder.vjp`) plus the Gaussian KL's own gradient.
 A test checks them against autograd.
 
 K and T may differ at test time (``test_slots``, ``test_iterations``, or the ``slots`` /
@@ -202,7 +202,7 @@ class IODINE(Encoder):
         sigma, beta = self.config.sigma, self.config.beta
         d_means, d_masks, d_logits = mixture_gradients(x, means, t, sigma)
         d_out = torch.cat([d_means, d_logits.unsqueeze(2)], dim=2)
-        d_z = decoder_vjp(self.decoder, [c.view(-1, k, *c.shape[1:]) for c in cache], d_out)
+        d_z = self.decoder.vjp([c.view(-1, k, *c.shape[1:]) for c in cache], d_out)
         std = (0.5 * logvar).exp()
         d_mu = d_z + beta * mu
         d_logvar = d_z * eps * 0.5 * std + beta * 0.5 * (logvar.exp() - 1.0)
@@ -310,24 +310,6 @@ class IODINE(Encoder):
         for k in range(masks.shape[1]):
             rows[f"slot_{k}"] = (masks[:, k : k + 1] * means[:, k] + (1 - masks[:, k : k + 1])).clamp(0, 1)
         return rows
-
-
-def decoder_vjp(decoder: SpatialBroadcastDecoder, pre: list[Tensor], grad_out: Tensor) -> Tensor:
-    """:meth:`SpatialBroadcastDecoder.vjp` per slot: ``grad_out [N, K, C, H, W]``, cached
-    pre-activations ``[N or 1, K, ...]`` (broadcast over the batch) -> ``[N, K, D]``.
-
-    Transposed convolutions are computed as convolutions with flipped, channel-swapped kernels
-    (the same sums; onnxruntime runs ConvTranspose through a slow col2im path and Conv through its
-    blocked kernels), and ELU's derivative as ``exp(min(x, 0))``, which is exactly 1 for x > 0.
-    """
-    n, k = grad_out.shape[:2]
-    g = F.conv2d(grad_out.flatten(0, 1), decoder.out.weight.transpose(0, 1))
-    for i in range(len(decoder.convs) - 1, 0, -1):
-        weight = decoder.convs[i].weight
-        g = (g.view(n, k, *g.shape[1:]) * pre[i].clamp(max=0).exp()).flatten(0, 1)
-        g = F.conv2d(g, weight.flip(2, 3).transpose(0, 1), padding=weight.shape[-1] - 1)
-    w_z = decoder.convs[0].weight[:, : decoder.latent_dim].sum(dim=(2, 3))  # [C, D]
-    return (g.view(n, k, *g.shape[1:]) * pre[0].clamp(max=0).exp()).sum(dim=(3, 4)) @ w_z
 
 
 def _detach_terms(t: MixtureTerms) -> MixtureTerms:

@@ -305,11 +305,14 @@ class LAVAE(Encoder):
     def _detect(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Deterministic inference, without the full appearance maps: (trunk features, peak
         logits ``[B, K]``, peak indices ``[B, K]``)."""
-        cfg = self.config
-        features = self.net.features(images)
-        logits = self.net.location_logits(features) * self.log_d
-        peaks, index = local_maxima(logits, cfg.peak_window, cfg.max_objects)
+        features, logits = self._location_logits(images)
+        peaks, index = local_maxima(logits, self.config.peak_window, self.config.max_objects)
         return features, peaks, index
+
+    def _location_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(trunk features, location logits ``[B, H, W]``) without the appearance maps."""
+        features = self.net.features(images)
+        return features, self.net.location_logits(features) * self.log_d
 
     def _mean_appearance(self, features: Tensor, index: Tensor) -> Tensor:
         return self.net.appearance_at(features, self.pixel_cell[index], self.pixel_sub[index])
@@ -355,8 +358,7 @@ class LAVAE(Encoder):
     def count(self, images: Tensor) -> Tensor:
         """Predicted object counts ``[N]`` by the counting rule."""
         cfg = self.config
-        logits = self.net.location_logits(self.net.features(images)) * self.log_d
-        return count_objects(logits, cfg.threshold, cfg.peak_window, cfg.max_objects)
+        return count_objects(self._location_logits(images)[1], cfg.threshold, cfg.peak_window, cfg.max_objects)
 
     # --- training ---------------------------------------------------------------------------
     def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:

@@ -1,4 +1,4 @@
-"""Spatial broadcast decoder (Watters et al. 2019), keeping what a hand-written VJP needs.
+"""Spatial broadcast decoder (Watters et al. 2019) with a hand-written vector-Jacobian product.
 
 A latent ``z`` is tiled over a grid padded by one pixel per 3x3 layer, two coordinate channels
 (x, y in [-1, 1]) are appended, and unpadded 3x3 convolutions (ELU) shrink it back to the image
@@ -8,7 +8,7 @@ entangle with appearance, which is why MONet and IODINE decode each slot this wa
 The first convolution sees a spatially constant ``z``, so its ``z`` part is exactly a linear map
 of ``z`` (the kernel summed over space) and its coordinate part a fixed map: computing it that
 way is identical and saves the costliest layer. ``forward_with_cache`` keeps the
-pre-activations, from which :func:`perception.models.iodine.decoder_vjp` back-propagates a
+pre-activations, from which :meth:`SpatialBroadcastDecoder.vjp` back-propagates a
 gradient to ``z`` without autograd (which ``torch.onnx.export`` cannot trace).
 """
 
@@ -63,3 +63,20 @@ class SpatialBroadcastDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.forward_with_cache(z)[0]
+
+    def vjp(self, pre: list[Tensor], grad_out: Tensor) -> Tensor:
+        """``d<grad_out, decoder(z)>/dz`` per slot: ``grad_out [N, K, C, H, W]``, cached
+        pre-activations ``[N or 1, K, ...]`` (broadcast over the batch) -> ``[N, K, D]``.
+
+        Transposed convolutions are computed as convolutions with flipped, channel-swapped kernels
+        (the same sums; onnxruntime runs ConvTranspose through a slow col2im path and Conv through
+        its blocked kernels), and ELU's derivative as ``exp(min(x, 0))``, exactly 1 for x > 0.
+        """
+        n, k = grad_out.shape[:2]
+        g = F.conv2d(grad_out.flatten(0, 1), self.out.weight.transpose(0, 1))
+        for i in range(len(self.convs) - 1, 0, -1):
+            weight = self.convs[i].weight
+            g = (g.view(n, k, *g.shape[1:]) * pre[i].clamp(max=0).exp()).flatten(0, 1)
+            g = F.conv2d(g, weight.flip(2, 3).transpose(0, 1), padding=weight.shape[-1] - 1)
+        w_z = self.convs[0].weight[:, : self.latent_dim].sum(dim=(2, 3))  # [C, D]
+        return (g.view(n, k, *g.shape[1:]) * pre[0].clamp(max=0).exp()).sum(dim=(3, 4)) @ w_z
