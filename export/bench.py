@@ -31,15 +31,23 @@ from perception.cli import run_cli
 BATCH_SIZES = (1, 64)
 
 
+def _untrained(name: str) -> Any:
+    """A registered model at its default config, seeded so that every call builds the same weights."""
+    import torch
+
+    from perception.data import default_image_shape
+    from perception.models import build_model, model_class
+
+    torch.manual_seed(0)
+    return build_model(name, {}, default_image_shape(model_class(name).default_dataset)).eval()
+
+
 def _encoders() -> list[tuple[str, str, Any]]:
     """(name, weights, torch encoder or the PerceptionError that loading it raised): every bundled
     checkpoint, then every registered model without a loadable one, untrained at its default config."""
-    import torch
-
     from perception import load_encoder
-    from perception.data import default_image_shape
     from perception.errors import PerceptionError
-    from perception.models import MODELS, build_model, model_class
+    from perception.models import MODELS
     from perception.pretrained import bundled_names
 
     encoders: list[tuple[str, str, Any]] = []
@@ -49,12 +57,25 @@ def _encoders() -> list[tuple[str, str, Any]]:
         except PerceptionError as exc:  # e.g. a checkpoint older than its model's code
             encoders.append((name, "bundled", exc))
     covered = {encoder.name for _, _, encoder in encoders if not isinstance(encoder, Exception)}
-    for name in MODELS.names():
-        if name not in covered:
-            torch.manual_seed(0)
-            shape = default_image_shape(model_class(name).default_dataset)
-            encoders.append((name, "untrained", build_model(name, {}, shape).eval()))
+    encoders += [(name, "untrained", _untrained(name)) for name in MODELS.names() if name not in covered]
     return encoders
+
+
+def encoder_named(name: str) -> tuple[str, Any]:
+    """(weights, torch encoder) for one name: its bundled checkpoint, else the untrained model."""
+    from perception import load_encoder
+    from perception.errors import PerceptionError
+    from perception.models import MODELS
+    from perception.pretrained import bundled_names
+
+    if name in bundled_names():
+        return "bundled", load_encoder(name)
+    if name in MODELS.names():
+        return "untrained", _untrained(name)
+    raise PerceptionError(
+        f"no bundled encoder or registered model named '{name}'; "
+        f"known: {', '.join(sorted(set(bundled_names()) | set(MODELS.names())))}"
+    )
 
 
 def _alternating_timings(

@@ -93,16 +93,12 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from export.bench import _alternating_timings, _encoders
+    from export.bench import _alternating_timings, encoder_named
     from export.onnx_export import export_onnx
     from export.runtime import OnnxEncoder
-    from perception.errors import PerceptionError
 
     torch.set_num_threads(args.threads)
-    found = [(source, enc) for name, source, enc in _encoders() if name == args.name and not isinstance(enc, Exception)]
-    if not found:
-        raise PerceptionError(f"no loadable bundled encoder or registered model named '{args.name}'")
-    source, encoder = found[0]
+    source, encoder = encoder_named(args.name)
     images = np.random.default_rng(0).random((args.batch, *encoder.image_shape), dtype=np.float32)
     as_torch = torch.from_numpy(images)
     with tempfile.TemporaryDirectory() as tmp_name:
