@@ -31,9 +31,9 @@ def inference_grad(model: AIR) -> float:
     return sum(float(p.grad.abs().sum()) for p in model.rnn.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("name", ["air", "dair"])
-def test_contract_shapes_and_determinism(name):
-    model = tiny(name).eval()
+@pytest.mark.parametrize("name,options", [("air", {}), ("dair", {}), ("dair", {"object_model": "prototypes", "glimpse_size": 20})])
+def test_contract_shapes_and_determinism(name, options):
+    model = tiny(name, **options).eval()
     x = images(5)
     out = model.encode(x)
     k = model.num_slots
@@ -88,7 +88,8 @@ def test_every_class_estimator_trains_dair(estimator):
     assert torch.isfinite(result.loss)
     result.loss.backward()
     assert inference_grad(model) > 0
-    assert float(model.objects.prototypes.grad.abs().sum()) > 0
+    assert float(model.objects.digits.prototype_logits.grad.abs().sum()) > 0
+    assert float(model.objects.digits.to_logits.weight.grad.abs().sum()) > 0  # the class posterior learns
 
 
 def test_overfits_one_digit_scenes():
@@ -158,7 +159,7 @@ def test_dair_starts_from_an_air_checkpoint(tmp_path):
     dair = tiny("dair", init_from=str(tmp_path / "air.pt")).train()
     dair.loss({"image": images(16)}, step=0)  # enough present glimpses for k-means++
     assert torch.equal(dair.where_head.weight, air.where_head.weight)
-    assert bool(dair.warm_started) and bool(dair.objects.initialised)
+    assert bool(dair.warm_started) and bool(dair.objects.digits.seeded)
     with pytest.raises(Exception, match="not an AIR checkpoint"):
         other = tiny("dair", init_from=str(tmp_path / "dair.pt"))
         atomic_save(encoder_state(dair, "test"), tmp_path / "dair.pt")
@@ -188,3 +189,32 @@ def test_dair_refuses_an_air_with_other_keypoints(tmp_path):
     atomic_save(encoder_state(tiny("air", keypoints=4), "test"), tmp_path / "air.pt")
     with pytest.raises(Exception, match="keypoints"):
         tiny("dair", init_from=str(tmp_path / "air.pt")).train().loss({"image": images(4)}, step=0)
+
+
+def test_dair_reads_objects_with_a_dvaest_checkpoint(tmp_path):
+    from perception.train.checkpoint import atomic_save, encoder_state
+
+    dvaest = build_model("dvaest", {"num_classes": 10}, (1, 28, 28))
+    with torch.no_grad():
+        dvaest.bank.logits.normal_()
+    atomic_save(encoder_state(dvaest, "test"), tmp_path / "dvaest.pt")
+    dair = tiny("dair", init_what_from=str(tmp_path / "dvaest.pt")).train()
+    dair.loss({"image": images(4)}, step=0)
+    assert torch.equal(dair.objects.digits.prototypes(), dvaest.prototypes())
+    frames = torch.rand(6, 1, 28, 28)  # the same classifier and per-class transforms
+    reading = dair.objects.digits(frames, sample=False)
+    logits, params = dvaest.class_logits(frames)
+    assert torch.allclose(reading.logits, logits, atol=1e-5) and torch.allclose(reading.z, params, atol=1e-5)
+    with pytest.raises(Exception, match="dvaest"):
+        atomic_save(encoder_state(tiny("air"), "test"), tmp_path / "air.pt")
+        tiny("dair", init_what_from=str(tmp_path / "air.pt")).train().loss({"image": images(4)}, step=0)
+
+
+@pytest.mark.parametrize("offset", [(-0.3, 0.2), (0.25, 0.1)])
+def test_dair_centres_the_digit_frame_on_the_glimpse_content(offset):
+    model = tiny("dair").eval()
+    glimpse = torch.zeros(1, 1, 28, 28)
+    ys, xs = torch.meshgrid((torch.arange(28.0) + 0.5) / 14 - 1, (torch.arange(28.0) + 0.5) / 14 - 1, indexing="ij")
+    glimpse[0, 0] = ((xs - offset[0]).abs() < 0.2) & ((ys - offset[1]).abs() < 0.3)  # an off-centre bar
+    _, _, centre = model.objects.frames(glimpse)
+    assert torch.allclose(centre[0], torch.tensor(offset), atol=0.03)
