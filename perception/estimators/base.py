@@ -198,6 +198,10 @@ def inject(
 ) -> Tensor:
     """``[B]``, zero in value; minimising its mean gives ``target`` ``[B, ...]`` the gradient
     ``grad / B`` (``grad`` holds one row per example) and each parameter its paired gradient."""
-    pairs = [(p, g.detach()) for p, g in params if g is not None]
-    grads = (grad.detach(), *(g for _, g in pairs))
+    pairs = [(p, _constant(g)) for p, g in params if g is not None]
+    grads = (_constant(grad), *(g for _, g in pairs))
     return _Inject.apply(grads, target, *(p for p, _ in pairs))
+
+
+def _constant(x: Tensor) -> Tensor:
+    return x.detach() if x.requires_grad else x

@@ -38,8 +38,8 @@ def location(distribution: str, logits: Tensor) -> Tensor:
 def noise(distribution: str, u: Tensor) -> Tensor:
     """Logistic (Bernoulli) or Gumbel (categorical) noise from uniform ``u``."""
     if distribution == "bernoulli":
-        return torch.log(u) - torch.log1p(-u)
-    return -torch.log(-torch.log(u))
+        return torch.logit(u)
+    return torch.log(u).neg_().log_().neg_()
 
 
 def perturb(distribution: str, logits: Tensor, u: Tensor) -> Tensor:
@@ -66,12 +66,12 @@ def conditional(distribution: str, loc: Tensor, sample: Tensor, v: Tensor) -> tu
         tail = v * torch.sigmoid(-m)
         z = sign * (torch.log(v) + F.logsigmoid(m) - torch.log1p(-tail))
         return z, torch.sigmoid(-m) * (1.0 - v) / (1.0 - tail)
-    e = torch.log(-torch.log(v))
+    e = torch.log(v).neg_().log_()
     top = (e * sample).sum(-1, keepdim=True)  # the argmax entry is a standard Gumbel: -top
     gap = e - loc
-    others = -torch.logaddexp(gap, top)  # -log(-log v_i / p_i - log v_b)
-    chosen = sample > 0.5
-    return torch.where(chosen, -top, others), torch.where(chosen, 0.0, torch.sigmoid(gap - top))
+    others = torch.logaddexp(gap, top)  # -z_i = log(-log v_i / p_i - log v_b)
+    slope = torch.exp(gap - others)  # sigmoid(gap - top); the argmax entry does not move
+    return torch.lerp(others, top, sample).neg_(), torch.addcmul(slope, slope, sample, value=-1.0)
 
 
 def relax(distribution: str, z: Tensor, temperature: Tensor | float) -> Tensor:

@@ -9,7 +9,8 @@ with ``z`` the reparameterised noise, ``b = H(z)`` the hard sample and ``z~ ~ p(
 reparameterised (:func:`distributions.conditional`). REBAR: ``c(z) = eta f(s(z))`` with
 ``s(z) = sigma_lambda(z)`` the relaxed sample. RELAX: ``c(z) = m + eta (f(s(z)) - m) + sd r(s(z)[,
 context])``, ``r`` a small MLP applied to every variable and summed (so it fits any number of
-variables), ``m`` and ``sd`` running mean and standard deviation of the cost over past batches.
+variables), ``m`` and ``sd`` running mean and standard deviation of the cost over past batches
+(:class:`RunningMoments`).
 ``m`` is a constant, so eta = 1 is the paper's ``f(s) + r``; expressing ``r`` in cost units lets it
 centre a loss of any level at once and resolve differences far below the level (a plain ``r``
 learns a level of 0.22 or 1000 with Adam at the model's learning rate step by step, and jitters
@@ -21,14 +22,15 @@ never depends on the current sample and ``g`` stays unbiased. ``loss_fn`` is eva
 times: at ``b`` (pathwise gradient for its parameters) and at ``s(z)``, ``s(z~)`` (control
 variate only).
 
-The estimator's parameters (log lambda, eta, r) minimise ``E|g|^2``, i.e. the variance of the
-unbiased ``g``. Both ``g`` and the gradient of ``mean_B |g|^2`` are written out by hand (the
-derivatives of the relaxation, the conditional noise, the log-softmax and the MLP), so autograd
-only differentiates loss_fn: once for ``df/ds`` at the relaxed samples and once more, as a
-Hessian-vector product, for lambda's loss-Hessian term. The own parameters' gradients are
-injected into the surrogate, so one ``backward()`` of the model's loss trains everything. ``g``
-itself reaches the logits as an injected constant (the decoder gets only the pathwise gradient
-at ``b``). The hand-written pass is tested against autograd through the same formulas.
+The estimator's parameters (log lambda, eta, r; one flat vector ``theta``) minimise ``E|g|^2``,
+i.e. the variance of the unbiased ``g``. Both ``g`` and the gradient of ``mean_B |g|^2`` are
+written out by hand (the derivatives of the relaxation, the conditional noise, the log-softmax
+and the MLP), so autograd only differentiates loss_fn: once for ``df/ds`` at the relaxed
+samples and once more, as a Hessian-vector product, for lambda's loss-Hessian term (without it
+RELAX's variance on the toy benchmark is several times higher). The own parameters' gradients
+are injected into the surrogate, so one ``backward()`` of the model's loss trains everything.
+``g`` itself reaches the logits as an injected constant (the decoder gets only the pathwise
+gradient at ``b``). The hand-written pass is tested against autograd through the same formulas.
 
 Second order through loss_fn: if loss_fn holds an op without double backward (``torch.cdist``,
 tested; reportedly cuDNN's grid sampler, which grid_sample uses on GPU for bilinear, zero padding
@@ -55,19 +57,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perception.errors import PerceptionError
 from perception.estimators import distributions as D
-from perception.estimators.base import (
-    ESTIMATORS,
-    Estimate,
-    Estimator,
-    LossFn,
-    inject,
-)
-
-Pairs = list[tuple[Tensor, Tensor | None]]
+from perception.estimators.base import ESTIMATORS, Estimate, Estimator, LossFn, inject
+from perception.estimators.moments import RunningMoments
 
 
 class _NoDoubleBackward(Exception):
@@ -99,13 +95,34 @@ class RelaxConfig(RebarConfig):
 
 
 class _ControlVariate(Estimator):
+    """REBAR and RELAX. All own parameters live in one flat vector ``theta`` (log lambda, eta,
+    then RELAX's network; :meth:`parts` names the pieces): on problems this small every tensor
+    costs the optimiser, zero_grad and autograd a fixed overhead, whatever its size."""
+
     def __init__(self, config: RebarConfig, distribution: str, **kwargs) -> None:
         super().__init__(config, distribution, **kwargs)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)))
-        self.eta = nn.Parameter(torch.tensor(float(config.eta)))
         self.loss_hessian = config.loss_hessian
+        pieces = [torch.tensor([math.log(config.temperature), float(config.eta)]), *self._network()]
+        self.sizes = [1, 1, *(piece.numel() for piece in pieces[1:])]
+        self.theta = nn.Parameter(torch.cat([piece.flatten() for piece in pieces]))
 
-    def _residual(self, relaxed: Tensor, context: Tensor | None) -> _Residual | None:
+    def _network(self) -> list[Tensor]:
+        """Initial values of the control-variate network's pieces (RELAX)."""
+        return []
+
+    def parts(self) -> tuple[Tensor, ...]:
+        """Views of ``theta``: log lambda ``[1]``, eta ``[1]``, then the network's pieces (flat)."""
+        return self.theta.split(self.sizes)
+
+    @property
+    def log_temperature(self) -> Tensor:
+        return self.theta[0]
+
+    @property
+    def eta(self) -> Tensor:
+        return self.theta[1]
+
+    def _residual(self, relaxed: Tensor, net: tuple[Tensor, ...], context: Tensor | None) -> _Residual | None:
         """RELAX's ``r`` at the stacked relaxed samples ``[2, B, ...]``; None for REBAR."""
         return None
 
@@ -133,8 +150,9 @@ class _ControlVariate(Estimator):
             with torch.no_grad():
                 extra = D.hard(self.distribution, D.perturb(self.distribution, logits, D.uniform(logits)))
                 self._observe(self._evaluate(loss_fn, extra))
-        g, own = self._gradient(logits.detach(), loc, sample, loss.detach(), z, v, loss_fn, context)
-        return Estimate(sample, loss.detach(), loss + inject(logits, g, own))
+        cost = loss.detach()
+        g, own = self._gradient(logits, loc, sample, cost, z, v, loss_fn, context)
+        return Estimate(sample, cost, loss + inject(logits, g, own))
 
     def _gradient(
         self,
@@ -146,7 +164,7 @@ class _ControlVariate(Estimator):
         v: Tensor,
         loss_fn: LossFn | None,
         context: Tensor | None,
-    ) -> tuple[Tensor, Pairs]:
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         args = (logits, loc, sample, cost, z, v, loss_fn, context)
         result = None
         if self.training and self.loss_hessian and loss_fn is not None:
@@ -176,39 +194,41 @@ class _ControlVariate(Estimator):
         loss_fn: LossFn | None,
         context: Tensor | None,
         hessian: bool,
-    ) -> tuple[Tensor, Pairs]:
-        """``g`` for the (detached) logits and, in training, the own parameters' gradients of
-        ``V = mean_B |g|^2``, both written out by hand (softmax, conditional-noise, log-softmax
-        and MLP derivatives): autograd only differentiates loss_fn, once for ``df/ds`` and, for
-        lambda's loss-Hessian term, once more as a Hessian-vector product. (Every tensor here is
-        tiny in the toy problems: the cost is the number of ops, so they are kept few.)"""
-        dist, train, eta = self.distribution, self.training, self.eta
-        categorical = dist == "categorical"
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """``g`` for the logits and, in training, the gradient of ``V = mean_B |g|^2``
+        for ``theta``, both written out by hand (softmax, conditional-noise, log-softmax and MLP
+        derivatives): autograd only differentiates loss_fn, once for ``df/ds`` and, for lambda's
+        loss-Hessian term, once more as a Hessian-vector product. (Every tensor here is tiny in
+        the toy problems: the cost is the number of ops, so they are kept few.)"""
+        categorical, train = self.distribution == "categorical", self.training
+        log_temperature, eta, *net = self.parts()
         p = loc.exp() if categorical else torch.sigmoid(logits)
-        z_tilde, dz_tilde = D.conditional(dist, loc, sample, v)
+        z_tilde, dz_tilde = D.conditional(self.distribution, loc, sample, v)
         points = torch.stack([z, z_tilde])
-        temperature = self.log_temperature.exp()
-        s = D.relax(dist, points, temperature)  # [2, B, ...]: s(z), s(z~)
-        s_t = s / temperature if categorical else s * (1.0 - s) / temperature
-        # c = eta f(s) + r(s) at s(z~) and dc/ds at both points
-        residual = self._residual(s, context)
-        c_tilde = cost.new_zeros(()) if residual is None else residual.value[1]
+        temperature = log_temperature.exp()
+        s = D.relax(self.distribution, points, temperature)  # [2, B, ...]: s(z), s(z~)
+        # ds/dz = s_t * (. - <s, .>) (categorical) or s_t * . (Bernoulli)
+        s_t = s / temperature if categorical else torch.addcmul(s, s, s, value=-1.0).div_(temperature)
+        # c = eta f(s) + r(s): its value at s(z~) and dc/ds at both points
+        residual = self._residual(s, net, context)
+        c_tilde = None if residual is None else residual.value
         dc = None if residual is None else residual.grad
         if loss_fn is not None:
-            s.requires_grad_()
+            rows = [row.requires_grad_() for row in s.unbind()]
             with torch.enable_grad():
-                f = [self._evaluate(loss_fn, row) for row in s]
+                f = [self._evaluate(loss_fn, row) for row in rows]
                 ones = torch.ones_like(cost)
-                (df,) = torch.autograd.grad(
-                    f, s, (ones, ones), create_graph=train and hessian, materialize_grads=True
+                df_rows = torch.autograd.grad(
+                    f, rows, (ones, ones), create_graph=train and hessian, materialize_grads=True
                 )
-            f_tilde = f[1].detach() - self._level()
-            c_tilde = torch.addcmul(c_tilde, eta, f_tilde)
-            dc = eta * df.detach() if dc is None else torch.addcmul(dc, eta, df.detach())
+            df = torch.stack(df_rows)
+            f_tilde = f[1] - self._level()  # no graph: this is no_grad
+            c_tilde = eta * f_tilde if c_tilde is None else torch.addcmul(c_tilde, eta, f_tilde)
+            dc_f = eta * df
+            dc = dc_f if dc is None else dc + dc_f
         q_in = dc - (s * dc).sum(-1, keepdim=True) if categorical else dc
         q = s_t * q_in  # dc/dz at both points
-        q0, q1 = q
-        m = torch.addcmul(q0, dz_tilde, q1, value=-1.0)
+        m = torch.addcmul(q[0], dz_tilde, q[1], value=-1.0)  # d c(z)/d loc - d c(z~)/d loc
         path = torch.addcmul(m, p, m.sum(-1, keepdim=True), value=-1.0) if categorical else m
         score = sample - p
         dims = logits.dim()
@@ -216,48 +236,51 @@ class _ControlVariate(Estimator):
         if not train:
             return g, []
 
-        # reverse pass of V = mean_B |g|^2 to the own parameters
+        # reverse pass of V = mean_B |g|^2 to theta
         g_bar = g * (2.0 / g.shape[0])
         c_bar = D.per_example(g_bar * score).neg_()  # [B], for c(z~)
         m_bar = g_bar - (p * g_bar).sum(-1, keepdim=True) if categorical else g_bar
-        q_bar = torch.stack([m_bar, (dz_tilde * m_bar).neg_()])
+        q_bar = torch.stack([m_bar, m_bar * dz_tilde.neg()])
         if categorical:
             s_q = (s * q_bar).sum(-1, keepdim=True)
             dc_bar = s_t * (q_bar - s_q)  # the relaxation's Jacobian is symmetric
-            s_bar = (q_bar * q_in - dc * s_q) / temperature  # d <q_bar, q> / ds, dc fixed
+            s_bar = torch.addcmul(q_bar * q_in, dc, s_q, value=-1.0).div_(temperature)  # d <q_bar, q>/ds, dc fixed
         else:
             dc_bar = s_t * q_bar
-            s_bar = q_bar * dc * (1.0 - 2.0 * s) / temperature
+            qd = q_bar * dc
+            s_bar = torch.addcmul(qd, qd, s, value=-2.0).div_(temperature)
         log_temperature_bar = -(q_bar * q).sum()
-        grads: dict[Tensor, Tensor] = {}
+        eta_bar = None
         if loss_fn is not None:
-            grads[eta] = (dc_bar * df).sum() + (c_bar * f_tilde).sum()
-            s_bar[1].addcmul_(_rows(c_bar * eta, dims), df[1])
-            if train and hessian and df.requires_grad:
+            eta_bar = (dc_bar * df).sum() + (c_bar * f_tilde).sum()
+            s_bar[1].addcmul_(_rows(c_bar, dims), dc_f[1])  # eta f(s(z~)) in the coefficient
+            if hessian and df_rows[0].requires_grad:
                 try:  # the only step that differentiates loss_fn twice
-                    (hvp,) = torch.autograd.grad(df, s, eta * dc_bar, materialize_grads=True)
+                    hvp = torch.autograd.grad(df_rows, rows, tuple((dc_bar * eta).unbind()), materialize_grads=True)
                 except RuntimeError as exc:
                     raise _NoDoubleBackward() from exc
-                s_bar += hvp
-        if residual is not None:
-            grads.update(self._residual_backward(residual, c_bar, dc_bar, s_bar, context))
+                s_bar += torch.stack(hvp)
+        net_bar = [] if residual is None else self._residual_backward(residual, net, c_bar, dc_bar, s_bar, context)
         # s = relax(z / lambda): ds/dlog(lambda) = -J z, J the (symmetric) Jacobian in z
         z_bar = s_t * (s_bar - (s * s_bar).sum(-1, keepdim=True)) if categorical else s_t * s_bar
-        grads[self.log_temperature] = log_temperature_bar - (z_bar * points).sum()
-        return g, [(param, grads.get(param)) for param in self.parameters() if param.requires_grad]
+        log_temperature_bar = log_temperature_bar - (z_bar * points).sum()
+        head = torch.stack([log_temperature_bar, torch.zeros_like(log_temperature_bar) if eta_bar is None else eta_bar])
+        grad = torch.cat([head, *(piece.reshape(-1) for piece in net_bar)]) if net_bar else head
+        return g, [(self.theta, grad)]
 
 
 @dataclass(frozen=True)
 class _Residual:
-    """RELAX's ``r`` at ``[s(z), s(z~)]``: ``value`` ``[2, B]``, ``grad`` = dr/ds, and what its
-    reverse pass needs."""
+    """RELAX's ``r`` at ``[s(z), s(z~)]``: ``value`` ``[B]`` at s(z~) (the only point where the
+    coefficient uses it), ``grad`` = dr/ds at both points, and what its reverse pass needs."""
 
     value: Tensor
     grad: Tensor
     inputs: Tensor  # [2 B V, F]
     hidden: Tensor  # tanh activations [2 B V, H]
     slope: Tensor  # 1 - hidden^2
-    out_slope: Tensor  # slope * output weights
+    out: Tensor  # output weights times scale
+    out_slope: Tensor  # slope * out
     scale: Tensor  # r = mean + scale * MLP, from the running cost statistics
 
 
@@ -274,6 +297,12 @@ class Rebar(_ControlVariate):
 
 @ESTIMATORS.register("relax")
 class Relax(_ControlVariate):
+    """``r(s) = w_out . tanh(w_in s_v + b_in + w_ctx context) + b_out`` per variable ``v``, summed;
+    its pieces in ``theta`` after log lambda and eta: ``w_in [H, F]``, ``b_in [H]``, ``w_ctx
+    [H, context_dim]`` (with a context only), ``w_out [H]``, ``b_out [1]``. r is nonlinear in the
+    relaxed sample on purpose: a linear r (one learned value per class) costs ~25 fewer ops per
+    step but left the late gradient variance on the two-class toy up to 100x higher."""
+
     Config = RelaxConfig
     name = "relax"
     supports_score_function = True
@@ -281,72 +310,83 @@ class Relax(_ControlVariate):
 
     def __init__(self, config: RelaxConfig, distribution: str, **kwargs) -> None:
         super().__init__(config, distribution, **kwargs)
-        if distribution == "categorical" and self.num_classes is None:
-            raise PerceptionError("relax on a categorical needs num_classes (its control-variate network's input size)")
-        features = 1 if distribution == "bernoulli" else self.num_classes
-        self.inp = nn.Linear(features, config.hidden)
-        self.ctx = nn.Linear(self.context_dim, config.hidden, bias=False) if self.context_dim else None
-        self.out = nn.Linear(config.hidden, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-        self.register_buffer("cost_mean", torch.zeros(()))
-        self.register_buffer("cost_var", torch.zeros(()))
-        self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+        self.cost = RunningMoments(config.decay)
 
-    def _residual(self, relaxed: Tensor, context: Tensor | None) -> _Residual:
-        w_in, w_out = self.inp.weight, self.out.weight[0]
-        x = relaxed.reshape(-1, w_in.shape[1])  # [2 B V, F], every variable a row
-        variables = len(x) // (2 * relaxed.shape[1])
-        h = torch.addmm(self.inp.bias, x, w_in.T)
+    def _network(self) -> list[Tensor]:
+        if self.distribution == "categorical" and self.num_classes is None:
+            raise PerceptionError("relax on a categorical needs num_classes (its control-variate network's input size)")
+        self.features = 1 if self.distribution == "bernoulli" else self.num_classes
+        hidden = self.config.hidden
+        inp = nn.Linear(self.features, hidden)  # PyTorch's default initialisation
+        ctx = [nn.Linear(self.context_dim, hidden, bias=False).weight] if self.context_dim else []
+        return [inp.weight, inp.bias, *ctx, torch.zeros(hidden), torch.zeros(1)]  # output starts at r = 0
+
+    def network(self, net: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """``(w_in, b_in, w_ctx or None, w_out, b_out)`` shaped, from the flat pieces."""
+        hidden = self.config.hidden
+        w_in, b_in, *rest = net
+        w_ctx = rest.pop(0).view(hidden, -1) if self.context_dim else None
+        return w_in.view(hidden, -1), b_in, w_ctx, *rest
+
+    def _residual(self, relaxed: Tensor, net: tuple[Tensor, ...], context: Tensor | None) -> _Residual:
+        w_in, b_in, w_ctx, w_out, b_out = self.network(net)
+        x = relaxed.reshape(-1, self.features)  # [2 B V, F], every variable a row
+        batch = relaxed.shape[1]
+        variables = len(x) // (2 * batch)
+        h = F.linear(x, w_in, b_in)
         if context is not None:  # [B, H], the same for both relaxed samples and every variable
-            h = (h.view(2, len(context), variables, -1) + (context @ self.ctx.weight.T).unsqueeze(1)).view(h.shape)
+            h = (h.view(2, batch, variables, -1) + F.linear(context, w_ctx).unsqueeze(1)).view(h.shape)
         a = torch.tanh(h)
-        slope = (a * a).neg_().add_(1.0)
-        out_slope = slope * w_out
-        value = (a @ w_out).view(*relaxed.shape[:2], -1).sum(-1) + variables * self.out.bias
-        scale = self.cost_var.sqrt()
-        value = torch.addcmul(self.cost_mean, value, scale)
-        return _Residual(value, (out_slope @ w_in).view(relaxed.shape) * scale, x, a, slope, out_slope, scale)
+        slope = 1.0 - a * a
+        scale = self.cost.var.sqrt()
+        out = w_out * scale
+        out_slope = slope * out
+        level = torch.addcmul(self.cost.mean, b_out, scale, value=variables)
+        value = (a[len(x) // 2 :] @ out).view(batch, variables).sum(1) + level
+        return _Residual(value, (out_slope @ w_in).view(relaxed.shape), x, a, slope, out, out_slope, scale)
 
     def _level(self) -> Tensor:
-        return self.cost_mean
+        return self.cost.mean
 
     def _unseen(self) -> bool:
-        return not bool(self.seen)
+        return not self.cost.seen
 
     def _observe(self, cost: Tensor) -> None:
         """Folds this batch's costs into the statistics r's output is expressed in (after they
         served it, so that r stays independent of the current sample)."""
-        if not self.training:
-            return
-        weight = 1.0 - self.config.decay * self.seen  # the first batch sets them (no sync)
-        self.seen.fill_(True)
-        self.cost_mean.lerp_(cost.mean(), weight)
-        self.cost_var.lerp_((cost - self.cost_mean).pow(2).mean(), weight)
+        if self.training:
+            self.cost.update(cost)
 
     def _residual_backward(
-        self, res: _Residual, value_bar: Tensor, grad_bar: Tensor, s_bar: Tensor, context: Tensor | None
-    ) -> dict[Tensor, Tensor]:
+        self,
+        res: _Residual,
+        net: tuple[Tensor, ...],
+        value_bar: Tensor,
+        grad_bar: Tensor,
+        s_bar: Tensor,
+        context: Tensor | None,
+    ) -> list[Tensor]:
         """Gradients of ``<value_bar, r(s(z~))> + <grad_bar, dr/ds>`` (``value_bar`` ``[B]``,
-        ``grad_bar`` at both points) for r's parameters; adds the derivative in the relaxed
+        ``grad_bar`` at both points) for the network's pieces; adds the derivative in the relaxed
         samples to ``s_bar`` in place."""
         x, a, slope = res.inputs, res.hidden, res.slope
-        w_in, w_out = self.inp.weight, self.out.weight[0]
-        value_bar, grad_bar = value_bar * res.scale, grad_bar.reshape(x.shape) * res.scale
-        y = grad_bar @ w_in.T  # [2 B V, H]
-        a_bar = a * y * (-2.0 * w_out)  # from dr/ds = out_slope @ w_in
-        half = len(x) // 2  # rows of s(z~): r enters the coefficient there only
-        per_row = value_bar.repeat_interleave(half // len(value_bar))
-        a_bar[half:].addr_(per_row, w_out)
+        w_in = self.network(net)[0]
+        grad_bar = grad_bar.reshape(x.shape)
+        batch, half = len(value_bar), len(x) // 2
+        y = F.linear(grad_bar, w_in)  # [2 B V, H]
+        y_slope = y * slope
+        a_bar = (a * y).mul_(res.out * -2.0)  # from dr/ds = (slope * out) @ w_in
+        per_row = value_bar.view(-1, 1).expand(batch, half // batch).reshape(-1)  # r enters c at s(z~) only
+        a_bar[half:].addr_(per_row, res.out)
         h_bar = a_bar.mul_(slope)
-        grads = {
-            self.out.bias: (value_bar.sum() * (half // len(value_bar))).reshape(1),
-            self.out.weight: torch.addmv((y * slope).sum(0), a[half:].T, per_row)[None],
-            self.inp.weight: torch.addmm(h_bar.T @ x, res.out_slope.T, grad_bar),
-            self.inp.bias: h_bar.sum(0),
-        }
+        grads = [
+            torch.addmm(h_bar.T @ x, res.out_slope.T, grad_bar),  # w_in
+            h_bar.sum(0),  # b_in
+            torch.addmv(y_slope.sum(0), a[half:].T, per_row).mul_(res.scale),  # w_out
+            value_bar.sum().mul_(res.scale * (half // batch)).reshape(1),  # b_out
+        ]
         if context is not None:
-            grads[self.ctx.weight] = h_bar.view(2, len(context), -1, h_bar.shape[-1]).sum((0, 2)).T @ context
+            grads.insert(2, h_bar.view(2, batch, -1, h_bar.shape[-1]).sum((0, 2)).T @ context)
         s_bar += (h_bar @ w_in).view(s_bar.shape)
         return grads
 
@@ -357,5 +397,5 @@ class Relax(_ControlVariate):
         with torch.no_grad():  # the z coupled with this sample, as fixed reparameterisation noise
             loc = D.location(self.distribution, logits)
             z = D.conditional(self.distribution, loc, sample, u)[0]
-        g, own = self._gradient(logits.detach(), loc, sample, cost, z, v, None, context)
+        g, own = self._gradient(logits, loc, sample, cost, z, v, None, context)
         return inject(logits, g, own)

@@ -5,10 +5,12 @@ Both only evaluate the loss at hard samples, so they also serve sequential model
 
 NVIL (Mnih & Gregor 2014, Algorithm 1) centres the learning signal with a learned baseline
 (an MLP on the context, or a learned scalar without one) plus a running mean, and divides by
-``max(1, sqrt(running variance))``; the baseline regresses the centred signal. One deliberate
-difference: the running statistics used for a batch are those from *before* it (the paper folds
-the current batch in first), which keeps the estimate exactly unbiased. Statistics update only
-in training mode; the very first training call initialises them from its own batch.
+``max(1, sqrt(running variance))``; the baseline regresses the centred signal. Two deliberate
+differences: the running statistics used for a batch are those from *before* it (the paper folds
+the current batch in first), which keeps the estimate exactly unbiased; and the variance is taken
+around the running mean (:class:`RunningMoments`, shared with RELAX), which a batch of one
+still measures. Statistics update only in training mode; the very first training call
+initialises them from its own batch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from perception.errors import PerceptionError
 from perception.estimators import distributions as D
 from perception.estimators.base import ESTIMATORS, Estimate, Estimator, LossFn, inject
+from perception.estimators.moments import RunningMoments
 
 
 class _ScoreFunction(Estimator):
@@ -75,9 +78,7 @@ class NVIL(_ScoreFunction):
             self.net = nn.Sequential(
                 nn.Linear(self.context_dim, config.hidden), nn.Tanh(), nn.Linear(config.hidden, 1)
             )
-        self.register_buffer("mean", torch.zeros(()))
-        self.register_buffer("var", torch.zeros(()))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.moments = RunningMoments(config.decay)
 
     def baseline(self, context: Tensor | None, batch: int) -> Tensor:
         if context is None:
@@ -87,17 +88,12 @@ class NVIL(_ScoreFunction):
     def _score_surrogate(self, logits: Tensor, sample: Tensor, cost: Tensor, context: Tensor | None) -> Tensor:
         baseline = self.baseline(context, logits.shape[0])
         centred = cost - baseline.detach()
-        if self.training and not self.initialised:
-            self._update(centred, decay=0.0)
-            self.initialised.fill_(True)
-        signal = (centred - self.mean) / self.var.sqrt().clamp(min=1.0)
+        moments = self.moments
+        if self.training and not moments.seen:
+            moments.update(centred)
+        signal = (centred - moments.mean) / moments.var.sqrt().clamp(min=1.0)
         if self.training:
-            self._update(centred, decay=self.config.decay)
+            moments.update(centred)
         log_p = D.log_prob(self.distribution, logits, sample)
         # encoder: signal * grad log p; baseline: regress the centred signal (gradient -signal).
         return (log_p - log_p.detach()) * signal + inject(baseline.unsqueeze(1), -signal.unsqueeze(1))
-
-    @torch.no_grad()
-    def _update(self, centred: Tensor, decay: float) -> None:
-        self.mean.mul_(decay).add_((1.0 - decay) * centred.mean())
-        self.var.mul_(decay).add_((1.0 - decay) * centred.var(unbiased=False))
