@@ -116,7 +116,7 @@ def test_transform_starts_at_identity():
     x = torch.rand(4, *SHAPE)
     params, _ = model.transform(x, model.hidden(x), deterministic=True)
     assert torch.all(params == 0)
-    one_hot = torch.eye(3)[torch.tensor([0, 1, 2, 1])]
+    one_hot = torch.eye(model.num_prototypes)[torch.tensor([0, 1, 2, 1])]  # spares included
     rendered = model.render(one_hot, params)
     assert torch.allclose(rendered, model.prototypes()[[0, 1, 2, 1]], atol=1e-6)
 
@@ -173,7 +173,7 @@ def test_split_and_merge_separates_a_merged_pair():
     from perception.models.dvae import bernoulli_nll_probs
 
     x, labels = two_class_batch(count=10)
-    model = make("dvae", num_classes=2, init="random")
+    model = make("dvae", num_classes=2, extra_classes=0, init="random")
     zeros = x[labels == 0].mean(0).clamp(0.02, 0.98)
     with torch.no_grad():
         model.bank.logits[0] = torch.logit(zeros)
@@ -187,13 +187,42 @@ def test_split_and_merge_separates_a_merged_pair():
     assert model.split_and_merge(x) == 0.0 and torch.equal(model.prototypes(), before)  # nothing left to fix
 
 
-def test_unknown_init_or_class_inference_is_refused():
+def test_spare_prototype_is_pruned_at_split_until():
+    """Over-clustering: with one spare prototype, the duplicate is switched off when the moves
+    stop; the read-out then has exactly num_classes classes, and the pruned class gets neither
+    probability nor gradient."""
+    x, labels = two_class_batch(count=10)
+    model = make(
+        "dvae", num_classes=2, extra_classes=1, init="random", split_every=0, split_until=1, class_inference="posterior"
+    ).train()
+    zeros, ones = (x[labels == k].mean(0).clamp(0.02, 0.98) for k in (0, 1))
+    with torch.no_grad():
+        model.bank.logits[0] = torch.logit(zeros)
+        model.bank.logits[1] = torch.logit((0.9 * zeros + 0.05).clamp(0.02, 0.98))  # a worse duplicate
+        model.bank.logits[2] = torch.logit(ones)
+    model.loss({"image": x}, step=0)
+    assert model.alive.all()  # nothing pruned before split_until
+    result = model.loss({"image": x}, step=1)
+    assert model.alive.tolist() == [True, False, True] and model.keep.tolist() == [0, 2]
+    result.loss.backward()
+    assert float(model.bank.logits.grad[1].abs().sum()) == 0.0
+    with torch.no_grad():
+        assert float(model.classifier_logits(model.hidden(x)).softmax(-1)[:, 1].max()) == 0.0
+    model.eval()
+    out = model(x)
+    assert out.class_probs.shape == (len(x), 1, 2) and model.prototypes().shape == (2, *SHAPE)
+    assert (out.class_probs[:, 0].argmax(-1).numpy() == labels).all()
+
+
+def test_bad_init_class_inference_or_extra_classes_is_refused():
     from perception.errors import PerceptionError
 
     with pytest.raises(PerceptionError, match="prototype init"):
         make("dvae", init="zeros")
     with pytest.raises(PerceptionError, match="class_inference"):
         make("dvaest", class_inference="oracle")
+    with pytest.raises(PerceptionError, match="extra_classes"):
+        make("dvaest", extra_classes=-1)
 
 
 def test_posterior_inference_picks_the_best_fitting_prototype():
@@ -227,4 +256,4 @@ def test_bundled_checkpoint_classifies_held_out_digits():
     test = make_dataset("mnist", "test", data_dir=data_dir)  # digits 8000-9999, never trained on
     with torch.no_grad():
         pred = model(torch.from_numpy(test.float_images())).class_probs[:, 0].argmax(-1).numpy()
-    assert clustering_accuracy(pred, test.labels[:, 0], 10) > 0.9  # model card: 92.15% (classifier)
+    assert clustering_accuracy(pred, test.labels[:, 0], 10) > 0.9  # model card: 93.65% (classifier)

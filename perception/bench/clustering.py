@@ -74,7 +74,7 @@ def score(model: Any, scenes: Any, num_clusters: int) -> dict[str, float]:
         images = torch.from_numpy(scenes.float_images())
         chunks = [images[i : i + 500] for i in range(0, len(images), 500)]
         probs = torch.cat([model.encode(c).class_probs[:, 0] for c in chunks])
-        amortised = torch.cat([model.to_logits(model.hidden(c)) for c in chunks])
+        amortised = torch.cat([model.classifier_logits(model.hidden(c))[:, model.keep] for c in chunks])
         own = mean_model_metrics(model, scenes, torch.device("cpu"))
     pred = probs.argmax(-1).numpy()
     used = np.bincount(pred, minlength=num_clusters)

@@ -7,7 +7,7 @@ soft k-means under the Bernoulli likelihood; the expectation over c goes through
 configured discrete estimator.
 
 Plain training falls into the local minima of k-means (thesis: duplicate prototypes, noise
-prototypes that no image picks). Three remedies, all on by default and all switchable so the
+prototypes that no image picks). Four remedies, all on by default and all switchable so the
 benchmark can show their effect (docs/results/clustering.md):
 
 * ``init="kmeans++"``: the first training batch seeds the prototypes by k-means++ (distant
@@ -16,7 +16,18 @@ benchmark can show their effect (docs/results/clustering.md):
   linearly to 0 over ``warmup_steps`` so the final objective is the plain ELBO;
 * split-and-merge moves (``split_every``/``split_until``): the most redundant prototype is
   re-seeded on one half of a 2-means split of another cluster when that lowers the cost of
-  recent training images; no moves after ``split_until``, so training ends on the plain ELBO.
+  recent training images; both halves (and, for a fair comparison, the unsplit prototype) are
+  first fitted to the cluster's images (``split_refit_steps``); no moves after
+  ``split_until``, so training ends on the plain ELBO;
+* ``extra_classes``: over-cluster, then prune. Training starts with ``num_classes +
+  extra_classes`` prototypes; at ``split_until`` the most redundant ones (whose removal raises
+  the probe cost least) are switched off for good, their images going to the next-best class,
+  and the rest of training fine-tunes the ``num_classes`` survivors. At L = 10 on MNIST the
+  likelihood rates a second '2' style about as well as a separate '5' or '4', and removing the
+  duplicate to split the merged cluster rarely pays; with spares, a split replaces a cheap
+  spare or duplicate, and pruning the duplicates comes last. The read-out (``encode``, :meth:`DVAE.prototypes`)
+  covers only the ``num_classes`` survivors (buffer ``keep``), so the exported model has
+  exactly ``num_classes`` classes; the pruned rows stay in the checkpoint (a few KB).
 
 ``encode`` reads the class from the amortised classifier (``class_inference="classifier"``, the
 default: it exports to ONNX within tolerance and is what training optimises) or by enumerating
@@ -41,6 +52,8 @@ from perception.nn.prototype_split import removal_costs, two_means
 
 PROB_EPS = 1e-4  # keeps log p(x|c) finite where a prototype pixel reaches exactly 0 or 1
 SPLIT_EPS = 1e-3  # candidate prototypes from pixel means are clamped to [eps, 1 - eps]
+DEAD_LOGIT = -1e4  # classifier logit of a pruned class: its probability is exactly 0 in float32
+REFIT_LR = 0.1  # Adam step on candidate prototype logits while fitting a move's candidates
 INITS = ("kmeans++", "random")
 CLASS_INFERENCE = ("posterior", "classifier")
 
@@ -62,8 +75,15 @@ class DVAEConfig:
     # per image. The probe is the last probe_batches training batches.
     split_every: int = 100  # 0: never
     split_until: int = 1600  # the benchmark trains 2400 steps: the last third is plain ELBO
+    # Spare prototypes trained until split_until, then pruned to num_classes (module docstring).
+    extra_classes: int = 2
     split_min_gain: float = 0.5
     probe_batches: int = 8
+    # Candidate prototypes of a move (the unsplit one and the two halves) are fitted to the
+    # cluster's images by this many steps of hard EM under their transforms before scoring: a
+    # pixel mean of aligned images is blurrier than a trained prototype, so unfitted halves lose
+    # to it even where the cluster holds two digits. 0: score the pixel means.
+    split_refit_steps: int = 30
     # How encode() reads the class: "classifier" is the amortised q(c|x) trained by the ELBO;
     # "posterior" enumerates the L classes, p(c|x) proportional to p(x|c, z_c) exp(-KL_z_c) with
     # each class's inferred transform, which removes the classifier's amortisation gap but
@@ -136,6 +156,8 @@ class DVAE(Encoder):
         super().__init__(config, image_shape)
         if config.num_classes < 2:
             raise PerceptionError(f"num_classes must be at least 2, got {config.num_classes}")
+        if config.extra_classes < 0:
+            raise PerceptionError(f"extra_classes must be 0 or more, got {config.extra_classes}")
         if config.init not in INITS:
             raise PerceptionError(f"unknown prototype init '{config.init}'; valid: {', '.join(INITS)}")
         if config.class_inference not in CLASS_INFERENCE:
@@ -147,11 +169,16 @@ class DVAE(Encoder):
         c, h, _ = self.image_shape
         self.features, n_features = conv_encoder(c, h, config.channels)
         self.to_hidden = nn.Sequential(nn.Linear(n_features, config.hidden), nn.ReLU())
-        self.to_logits = nn.Linear(config.hidden, config.num_classes)
-        self.bank = PrototypeBank(config.num_classes, self.image_shape, config.prototype_lr)
-        self.estimator = build_estimator(
-            config.estimator, "categorical", num_classes=config.num_classes, context_dim=config.hidden
-        )
+        total = self.num_prototypes
+        self.to_logits = nn.Linear(config.hidden, total)
+        self.bank = PrototypeBank(total, self.image_shape, config.prototype_lr)
+        self.estimator = build_estimator(config.estimator, "categorical", num_classes=total, context_dim=config.hidden)
+        # alive: prototypes still trained (all until pruned); keep: the num_classes read out, in order
+        # (until pruned, the first num_classes: a model trained for fewer than split_until steps).
+        # Without spares nothing is ever pruned, so they follow from the config and are not saved.
+        spares = config.extra_classes > 0
+        self.register_buffer("alive", torch.ones(total, dtype=torch.bool), persistent=spares)
+        self.register_buffer("keep", torch.arange(config.num_classes), persistent=spares)
         self._probe: list[Tensor] = []  # recent training batches for split-and-merge (not saved)
         self.moves = 0  # accepted split-and-merge moves in this process
 
@@ -165,6 +192,11 @@ class DVAE(Encoder):
         return self.config.num_classes
 
     @property
+    def num_prototypes(self) -> int:
+        """Prototypes trained, spares included (the read-out has :attr:`num_classes`)."""
+        return self.config.num_classes + self.config.extra_classes
+
+    @property
     def transform_names(self) -> list[str]:
         return []
 
@@ -173,8 +205,8 @@ class DVAE(Encoder):
         return self.transform_names + [f"class_{i}" for i in range(self.num_classes)]
 
     def prototypes(self) -> Tensor:
-        """The L prototype images ``[L, C, H, W]`` in [0, 1]."""
-        return self.bank.probs()
+        """The L prototype images ``[L, C, H, W]`` in [0, 1] that the read-out uses."""
+        return self.bank.probs()[self.keep]
 
     def hidden(self, images: Tensor) -> Tensor:
         return self.to_hidden(self.features(images))
@@ -182,17 +214,17 @@ class DVAE(Encoder):
     def transform(
         self, images: Tensor, hidden: Tensor, deterministic: bool, step: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Per class: (transform params [N, L, T], their KL [N, L]); ``step`` is the training
+        """Per prototype: (transform params [N, P, T], their KL [N, P]); ``step`` is the training
         step (None outside training)."""
-        n, num = images.shape[0], self.num_classes
+        n, num = images.shape[0], self.num_prototypes
         return images.new_zeros(n, num, 0), images.new_zeros(n, num)
 
     def placed(self, params: Tensor) -> Tensor:
-        """Every prototype as it would appear in each image: ``[N or 1, L, C, H, W]``."""
-        return self.prototypes().unsqueeze(0)
+        """Every prototype (spares included) as it would appear in each image: ``[N or 1, P, C, H, W]``."""
+        return self.bank.probs().unsqueeze(0)
 
     def render(self, weights: Tensor, params: Tensor) -> Tensor:
-        """Pixel probabilities of the prototype mixture ``weights`` [N, L] (one-hot or relaxed)."""
+        """Pixel probabilities of the prototype mixture ``weights`` [N, P] (one-hot or relaxed)."""
         return mix(weights, self.placed(params))
 
     def position(self, params: Tensor) -> Tensor:
@@ -213,24 +245,31 @@ class DVAE(Encoder):
     @torch.no_grad()
     def copy_class(self, src: int, dst: int) -> None:
         for p in self.class_rows():
-            rows = p.view(self.num_classes, -1)
+            rows = p.view(self.num_prototypes, -1)
             rows[dst] = rows[src]
 
     def costs(self, images: Tensor, params: Tensor, kl_z: Tensor, placed: Tensor | None = None) -> Tensor:
-        """``[N, L]``: -log p(x|c, z_c) + KL(q(z_c|x) || p(z)) for every class c (``placed``:
+        """``[N, P]``: -log p(x|c, z_c) + KL(q(z_c|x) || p(z)) for every prototype c (``placed``:
         :meth:`placed` of ``params`` when already computed)."""
         placed = self.placed(params) if placed is None else placed
         placed = placed.expand(images.shape[0], *placed.shape[1:])
         target = images.unsqueeze(1).expand_as(placed)
         return bernoulli_nll_probs(placed.flatten(0, 1), target.flatten(0, 1)).view(images.shape[0], -1) + kl_z
 
+    def classifier_logits(self, hidden: Tensor) -> Tensor:
+        """Amortised q(c|x) logits ``[N, P]``; pruned prototypes get :data:`DEAD_LOGIT`."""
+        return self.to_logits(hidden).masked_fill(~self.alive, DEAD_LOGIT)
+
     def class_logits(self, images: Tensor, deterministic: bool = True) -> tuple[Tensor, Tensor]:
-        """(class logits [N, L] as ``class_inference`` reads them, transform params [N, L, T])."""
+        """(class logits [N, L] as ``class_inference`` reads them, transform params [N, L, T]),
+        over the ``num_classes`` read-out classes."""
         hidden = self.hidden(images)
         params, kl_z = self.transform(images, hidden, deterministic)
         if self.config.class_inference == "classifier":
-            return self.to_logits(hidden), params
-        return -self.costs(images, params, kl_z), params
+            logits = self.to_logits(hidden)
+        else:
+            logits = -self.costs(images, params, kl_z)
+        return logits[:, self.keep], params[:, self.keep]
 
     def encode(self, images: Tensor, deterministic: bool = True) -> EncoderOutput:
         logits, params = self.class_logits(images, deterministic)
@@ -261,7 +300,7 @@ class DVAE(Encoder):
         (0 if rejected). Removal of prototype ``drop`` frees a class; cluster ``s`` is split by
         2-means of its members in ``s``'s frame into ``s`` and ``drop``, which inherits ``s``'s
         classifier and transform rows, so both start with half of ``s``'s images."""
-        n, num = x.shape[0], self.num_classes
+        n, num = x.shape[0], self.num_prototypes
         params, kl_z = self.transform(x, self.hidden(x), deterministic=True)
         cost = self.costs(x, params, kl_z)
         assign = cost.argmin(1)
@@ -276,8 +315,12 @@ class DVAE(Encoder):
             if s == drop or int(members.sum()) < 4:
                 continue
             frame = self.aligned(x[members], params[members, s])
-            one = column(frame.mean(0), s)
             halves = two_means(frame.flatten(1)).view(2, *frame.shape[1:])
+            if self.config.split_refit_steps > 0:
+                one = column(self.refit(self.bank.probs()[s : s + 1], x[members], params[members, s])[0], s)
+                halves = self.refit(halves, x[members], params[members, s])
+            else:
+                one = column(frame.mean(0), s)
             refreshed, split = cost.clone(), cost.clone()
             refreshed[:, s] = one  # the fair baseline: s re-fitted to its members, unsplit
             split[:, s], split[:, drop] = column(halves[0], s), column(halves[1], s)
@@ -294,17 +337,49 @@ class DVAE(Encoder):
         self.moves += 1
         return best_gain
 
+    def refit(self, protos: Tensor, x: Tensor, params: Tensor) -> Tensor:
+        """Candidate prototypes ``[K, C, H, W]`` fitted to images ``x`` (seen through their
+        transforms ``params`` ``[M, T]``) by ``split_refit_steps`` steps of hard EM: each image
+        counts for its best candidate, whose pixel logits take an Adam step."""
+        with torch.enable_grad():
+            logits = torch.logit(protos.detach().clamp(0.02, 0.98)).requires_grad_(True)
+            opt = torch.optim.Adam([logits], lr=REFIT_LR)
+            for _ in range(self.config.split_refit_steps):
+                nll = torch.stack([bernoulli_nll_probs(self.place_one(p, params), x) for p in torch.sigmoid(logits)], 1)
+                opt.zero_grad()
+                nll.min(1).values.sum().backward()
+                opt.step()
+        return torch.sigmoid(logits).detach()
+
+    @torch.no_grad()
+    def prune(self, x: Tensor) -> list[int]:
+        """Switch off the spare prototypes, one at a time the one whose removal raises the probe
+        images' cost ``sum_n min_c C[n, c]`` least; returns the pruned indices."""
+        params, kl_z = self.transform(x, self.hidden(x), deterministic=True)
+        cost = self.costs(x, params, kl_z)
+        alive, dropped = self.alive.clone(), []
+        while int(alive.sum()) > self.num_classes:
+            live = alive.nonzero().squeeze(1)
+            drop = int(live[removal_costs(cost[:, live]).argmin()])
+            alive[drop] = False
+            dropped.append(drop)
+        self.alive.copy_(alive)
+        self.keep.copy_(alive.nonzero().squeeze(1))
+        return dropped
+
     def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:
         x = batch["image"]
         if self.training and self.config.init == "kmeans++" and not bool(self.bank.seeded):
             self.bank.seed_kmeanspp(x)
         cfg = self.config
-        if self.training and cfg.split_every > 0 and step < cfg.split_until:
+        if self.training and (cfg.split_every > 0 or cfg.extra_classes > 0) and step <= cfg.split_until:
             self._probe = (self._probe + [x.detach()])[-cfg.probe_batches :]
-            if step > 0 and step % cfg.split_every == 0:
+            if cfg.split_every > 0 and 0 < step < cfg.split_until and step % cfg.split_every == 0:
                 self.split_and_merge(torch.cat(self._probe))
+            if step == cfg.split_until and bool(self.alive.all()) and cfg.extra_classes > 0:
+                self.prune(torch.cat(self._probe))
         hidden = self.hidden(x)
-        logits = self.to_logits(hidden)
+        logits = self.classifier_logits(hidden)
         params, kl_z = self.transform(x, hidden, deterministic=False, step=step if self.training else None)
         placed = self.placed(params)  # warped once; every class sample is a mixture of these
 
@@ -312,10 +387,11 @@ class DVAE(Encoder):
             return bernoulli_nll_probs(mix(sample, placed), x) + (sample * kl_z).sum(-1)
 
         est = self.estimator(logits, nll_of, context=hidden.detach())
-        kl_c = categorical_kl_uniform(logits)
+        live = logits[:, self.alive]  # pruned classes have q = 0: KL and usage over the live ones
+        kl_c = categorical_kl_uniform(live)
         loss = est.surrogate.mean() + kl_c.mean()
-        usage = logits.softmax(-1).mean(0)
-        usage_gap = math.log(self.num_classes) + (usage * usage.clamp_min(1e-12).log()).sum()
+        usage = live.softmax(-1).mean(0)
+        usage_gap = math.log(live.shape[1]) + (usage * usage.clamp_min(1e-12).log()).sum()
         weight = self.balance_weight(step)
         if weight:
             loss = loss + weight * usage_gap
@@ -336,8 +412,11 @@ class DVAE(Encoder):
         return ModelLoss(loss, metrics)
 
     def reconstruct(self, images: Tensor) -> Tensor:
-        logits, params = self.class_logits(images)
-        return self.render(F.one_hot(logits.argmax(-1), self.num_classes).to(images.dtype), params)
+        hidden = self.hidden(images)
+        params, kl_z = self.transform(images, hidden, deterministic=True)
+        logits = self.to_logits(hidden) if self.config.class_inference == "classifier" else -self.costs(images, params, kl_z)
+        cls = self.keep[logits[:, self.keep].argmax(-1)]
+        return self.render(F.one_hot(cls, self.num_prototypes).to(images.dtype), params)
 
     def visualize(self, images: Tensor) -> dict[str, Tensor]:
         rows = {"input": images, "reconstruction": self.reconstruct(images)}

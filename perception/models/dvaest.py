@@ -47,7 +47,7 @@ class DVAEST(DVAE):
 
     def __init__(self, config: DVAESTConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        d, num = len(self.transform_names), config.num_classes
+        d, num = len(self.transform_names), self.num_prototypes
         self.to_transform = nn.Sequential(
             nn.Linear(config.hidden, config.hidden), nn.ReLU(), nn.Linear(config.hidden, num * 2 * d)
         )
@@ -64,7 +64,7 @@ class DVAEST(DVAE):
     def transform(
         self, images: Tensor, hidden: Tensor, deterministic: bool, step: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        n, num, d = images.shape[0], self.num_classes, len(self.transform_names)
+        n, num, d = images.shape[0], self.num_prototypes, len(self.transform_names)
         if step is not None and step < self.config.align_after:
             return images.new_zeros(n, num, d), images.new_zeros(n, num)
         out = self.to_transform(hidden).view(n, num, 2, d)
@@ -88,7 +88,7 @@ class DVAEST(DVAE):
         return self.apply(proto.expand(params.shape[0], *proto.shape), params)
 
     def placed(self, params: Tensor) -> Tensor:
-        protos = self.prototypes()
+        protos = self.bank.probs()
         n, num = params.shape[:2]
         stacked = protos.unsqueeze(0).expand(n, -1, -1, -1, -1).flatten(0, 1)
         return self.apply(stacked, params.flatten(0, 1)).view(n, num, *protos.shape[1:])
