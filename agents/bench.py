@@ -4,9 +4,10 @@ Learning (default): for every env x encoder x seed, ``agents.train`` runs for ``
 env steps into ``OUT/runs/ENV-ENCODER-sSEED`` (an existing run is resumed, so an interrupted
 benchmark continues). The final return of a run is the mean, over its last ``FINAL_WINDOW``
 training iterations, of RLlib's ``episode_return_mean`` (episodes sampled with the stochastic
-policy while training; one-step tasks finish ~1,000 episodes per iteration, Collect ~20). Writes ``OUT/learning.json`` (per run: final return,
-curve, wall time; per env and encoder: mean over seeds and the ratio to the oracle) and one
-``OUT/curves-ENV.png`` per env.
+policy while training; one-step tasks finish ~1,000 episodes per iteration, Collect ~20). Writes
+``OUT/learning.json`` (per run: final return, curve, wall time; per env and encoder: mean over
+seeds and the ratio to the oracle) and one ``OUT/curves-ENV.png`` per env. Encoders are given as
+in ``agents.train --encoder`` (``lavae@4``, ``lavae@4+air``).
 
 ``--throughput``: env steps per second through :class:`envs.VectorObjectSlots` with the ONNX
 backend (a ``.pt`` checkpoint is exported to ``OUT/onnx/`` first) on ``--threads`` onnxruntime
@@ -19,6 +20,7 @@ CPU time (see :func:`step_decomposition`); ``wrapper_overhead`` = wrapper / enco
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -44,44 +46,48 @@ def _env_id(name: str) -> str:
 
 
 def _tag(encoder: str) -> str:
-    return Path(encoder).stem if encoder.endswith((".pt", ".onnx")) else Path(encoder).name
+    """A short name for run directories and plots: file stems, ``+`` between fused encoders."""
+    return "+".join(Path(e).stem if e.endswith((".pt", ".onnx")) else Path(e).name for e in encoder.split("+"))
+
+
+def run_one(args: argparse.Namespace, out: Path, env: str, encoder: str, seed: int) -> dict[str, Any]:
+    """Train (or resume) one run; a failed run is a result too: recorded with its error."""
+    source = ObservationSource(_env_id(env), encoder, args.backend, args.representation, args.env_kwargs)
+    prototypes = "-prototypes" if args.representation == "prototypes" and source.uses_encoder else ""
+    run_dir = out / "runs" / f"{env}-{_tag(encoder)}{prototypes}-s{seed}"
+    run = RunConfig(source, args.timesteps, seed, PPOSettings(num_envs=args.num_envs))
+    record: dict[str, Any] = {"env": env, "encoder": encoder, "seed": seed, "dir": str(run_dir)}
+    try:
+        history = train(run, run_dir, resume=(run_dir / "checkpoint").exists(), progress=not args.no_progress)
+    except Exception as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(f"{env} {encoder} seed {seed}: FAILED {record['error']}", file=sys.stderr)
+        return record
+    finals = [h["episode_return_mean"] for h in history[-FINAL_WINDOW:]]
+    record.update(
+        final_return=float(np.mean(finals)),
+        env_steps=history[-1]["env_steps"],
+        wall_s=history[-1]["wall_s"],
+        curve=[[h["env_steps"], h["episode_return_mean"]] for h in history],
+    )
+    print(f"{env} {encoder} seed {seed}: final return {record['final_return']:.3f} "
+          f"({record['env_steps']:.0f} steps, {record['wall_s']:.0f} s)", flush=True)  # fmt: skip
+    return record
 
 
 def run_learning(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    runs: list[dict[str, Any]] = []
+    grid = itertools.product(args.envs, args.encoders, range(args.seeds))
     try:
-        for env in args.envs:
-            for encoder in args.encoders:
-                for seed in range(args.seeds):
-                    source = ObservationSource(_env_id(env), encoder, backend=args.backend, env_kwargs=args.env_kwargs)
-                    run_dir = out / "runs" / f"{env}-{_tag(encoder)}-s{seed}"
-                    run = RunConfig(source, args.timesteps, seed, PPOSettings(num_envs=args.num_envs))
-                    record: dict[str, Any] = {"env": env, "encoder": encoder, "seed": seed, "dir": str(run_dir)}
-                    try:
-                        resume = (run_dir / "checkpoint").exists()
-                        history = train(run, run_dir, resume=resume, progress=not args.no_progress)
-                    except Exception as exc:  # a failed run is a result too: record it, keep going
-                        record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                        print(f"{env} {encoder} seed {seed}: FAILED {record['error']}", file=sys.stderr)
-                    else:
-                        finals = [h["episode_return_mean"] for h in history[-FINAL_WINDOW:]]
-                        record.update(
-                            final_return=float(np.mean(finals)),
-                            env_steps=history[-1]["env_steps"],
-                            wall_s=history[-1]["wall_s"],
-                            curve=[[h["env_steps"], h["episode_return_mean"]] for h in history],
-                        )
-                        print(f"{env} {encoder} seed {seed}: final return {record['final_return']:.3f} "
-                              f"({record['env_steps']:.0f} steps, {record['wall_s']:.0f} s)", flush=True)
-                    runs.append(record)
+        runs = [run_one(args, out, env, encoder, seed) for env, encoder, seed in grid]
     finally:
         ray.shutdown()
     summary = summarize_runs(runs)
     result = {
-        "command": args.command, "timesteps": args.timesteps, "seeds": args.seeds, "summary": summary, "runs": runs
+        "command": args.command, "timesteps": args.timesteps, "seeds": args.seeds,
+        "representation": args.representation, "summary": summary, "runs": runs,
     }  # fmt: skip
     (out / "learning.json").write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     plot_curves(runs, out)
@@ -197,26 +203,21 @@ def step_decomposition(wrapped: Any, steps: int, warmup: int = 10) -> dict[str, 
     env_clock = wrapped.env.step = _Clock(wrapped.env.step)
     session = wrapped.converter.encoder.session.session
     encoder_clock = session.run = _Clock(session.run)
-    clocks = {"env": env_clock, "encoder": encoder_clock}
+    step_clock = _Clock(wrapped.step)
+    clocks = (step_clock, env_clock, encoder_clock)
     wrapped.reset(seed=0)
     wrapped.action_space.seed(0)
-    samples: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
-    for i in range(warmup + steps):
-        action = wrapped.action_space.sample()
-        before = {k: (c.wall, c.cpu) for k, c in clocks.items()}
-        wall, cpu = time.perf_counter(), time.process_time()
-        wrapped.step(action)
-        total = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
-        if i < warmup:
-            continue
-        for j, clock in enumerate(("wall", "cpu")):
-            parts = {k: (c.wall, c.cpu)[j] - before[k][j] for k, c in clocks.items()}
-            parts["step"] = total[clock]
-            parts["wrapper"] = total[clock] - parts["env"] - parts["encoder"]
-            for k, v in parts.items():
-                samples[clock].setdefault(k, []).append(v)
+    totals = [[(c.wall, c.cpu) for c in clocks]]  # running totals after reset, then after each step
+    for _ in range(warmup + steps):
+        step_clock(wrapped.action_space.sample())
+        totals.append([(c.wall, c.cpu) for c in clocks])
     del wrapped.env.step, session.run
-    return {clock: {k: float(np.median(v)) for k, v in parts.items()} for clock, parts in samples.items()}
+    per_step = np.diff(np.array(totals), axis=0)[warmup:]  # [steps, clock, (wall, cpu)]
+    step, env, encoder = per_step[:, 0], per_step[:, 1], per_step[:, 2]
+    parts = {"env": env, "encoder": encoder, "step": step, "wrapper": step - env - encoder}
+    return {
+        clock: {part: float(np.median(v[:, j])) for part, v in parts.items()} for j, clock in enumerate(("wall", "cpu"))
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -224,6 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--envs", default="Count,Collect", help="comma-separated: Count, Collect, OddOneOut or env ids")
     parser.add_argument("--encoders", default="pixels,vae,oracle", help="comma-separated: pixels, oracle, names, paths")
     parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    parser.add_argument("--representation", default="slots", choices=["slots", "prototypes"], help="for encoders")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--timesteps", type=int, default=20_000)
     parser.add_argument("--num-envs", type=int, default=16)

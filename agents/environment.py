@@ -2,7 +2,10 @@
 
 ``--encoder`` names the observation source: ``pixels`` (raw images, CNN agent), ``oracle``
 (true object state, set agent), or an encoder (bundled name, checkpoint or ``.onnx`` file; set
-agent on its slots).
+agent on its slots). ``NAME@K`` sets the encoder's number of slots K where the model can change
+it (AIR, LAVAE: Collect's agent sprite is a fourth object in scenes the bundled encoders were
+trained on with 3 digits). Encoders joined by ``+`` (``lavae@4+air``) are fused by position: the
+first one's slots are the objects, the others add their features (:class:`envs.encoders.FusedBackend`).
 
 Batched encoding inside RLlib: the creator is registered with ``ray.tune.register_env`` and
 the algorithm is configured with ``gym_env_vectorize_mode="vector_entry_point"``. RLlib's
@@ -29,6 +32,17 @@ RLLIB_ENV_NAME = "perception-agents-env"
 SOURCES_WITHOUT_ENCODER = ("pixels", "oracle")
 
 
+def parse_encoder_spec(spec: str) -> list[tuple[str, int | None]]:
+    """``NAME[@K][+NAME[@K]...]`` -> ``(encoder, K or None)`` per encoder."""
+    members = []
+    for part in spec.split("+"):
+        name, _, k = part.partition("@")
+        if not name or (k and not k.isdigit()) or k == "0":
+            raise PerceptionError(f"encoder '{part}': expected NAME or NAME@K with K >= 1 (e.g. lavae@4)")
+        members.append((name, int(k) if k else None))
+    return members
+
+
 @dataclass
 class ObservationSource:
     env_id: str
@@ -42,6 +56,8 @@ class ObservationSource:
             raise PerceptionError(f"unknown environment '{self.env_id}'; valid: {', '.join(envs.ENV_IDS)}")
         if self.backend not in ("auto", *BACKENDS):
             raise PerceptionError(f"unknown backend '{self.backend}'; valid: auto, {', '.join(BACKENDS)}")
+        if self.uses_encoder:
+            parse_encoder_spec(self.encoder)  # a bad spec is a clear error before any env is built
 
     @property
     def obs_mode(self) -> str:
@@ -51,17 +67,16 @@ class ObservationSource:
     def uses_encoder(self) -> bool:
         return self.encoder not in SOURCES_WITHOUT_ENCODER
 
-    def resolved_backend(self) -> str:
-        """``auto``: ONNX for an .onnx file or a bundled name shipped with one, else torch."""
-        if self.backend != "auto":
-            return self.backend
-        if self.encoder.endswith(".onnx"):
-            return "onnx"
-        from perception.pretrained import bundled_path
+    @property
+    def members(self) -> list[tuple[str, int | None]]:
+        return parse_encoder_spec(self.encoder)
 
-        if not Path(self.encoder).exists() and bundled_path(self.encoder, ".onnx") is not None:
-            return "onnx"
-        return "torch"
+    def resolved_backends(self) -> list[str]:
+        """Per encoder; ``auto``: ONNX for an .onnx file or a bundled name shipped with one, unless
+        its K is changed (a bundled ONNX graph's K is fixed), else torch."""
+        if self.backend != "auto":
+            return [self.backend] * len(self.members)
+        return ["onnx" if k is None and _has_onnx(name) else "torch" for name, k in self.members]
 
     def as_config(self) -> dict[str, Any]:
         return {
@@ -73,22 +88,31 @@ class ObservationSource:
         }
 
 
+def _has_onnx(encoder: str) -> bool:
+    if encoder.endswith(".onnx"):
+        return True
+    from perception.pretrained import bundled_path
+
+    return not Path(encoder).exists() and bundled_path(encoder, ".onnx") is not None
+
+
 def make_env(source: ObservationSource, num_envs: int | None = None) -> gym.Env | gym.vector.VectorEnv:
     kwargs = {"obs_mode": source.obs_mode, **source.env_kwargs}
-    encoder = source.encoder if source.uses_encoder else None
+    wrap: dict[str, Any] = {}
+    if source.uses_encoder:
+        names, ks = zip(*source.members)
+        backends = source.resolved_backends()
+        one = len(names) == 1  # a single encoder, else a fusion
+        wrap = {
+            "encoder": names[0] if one else list(names),
+            "backend": backends[0] if one else backends,
+            "max_objects": ks[0] if one else list(ks),
+            "representation": source.representation,
+        }
     if num_envs is None:
         env = gym.make(source.env_id, disable_env_checker=True, **kwargs)
-        if encoder is None:
-            return env
-        return envs.ObjectSlots(env, encoder, source.resolved_backend(), source.representation)
-    return envs.make_vector_env(
-        source.env_id,
-        num_envs,
-        encoder=encoder,
-        backend=source.resolved_backend(),
-        representation=source.representation,
-        **kwargs,
-    )
+        return envs.ObjectSlots(env, **wrap) if wrap else env
+    return envs.make_vector_env(source.env_id, num_envs, **wrap, **kwargs)
 
 
 def rllib_env_creator(env_context: dict[str, Any]):

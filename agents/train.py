@@ -157,7 +157,11 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m agents.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="MultiMNIST-Collect-v0")
     parser.add_argument(
-        "--encoder", default="oracle", help="pixels | oracle | bundled encoder name | checkpoint | .onnx file"
+        "--encoder",
+        default="oracle",
+        help="pixels | oracle | bundled encoder name | checkpoint | .onnx file; NAME@K sets the encoder's number "
+        "of slots where the model can change it; encoders joined by + are fused by position (the first one's "
+        "slots are the objects)",
     )
     parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
     parser.add_argument("--representation", default="slots", choices=["slots", "prototypes"])

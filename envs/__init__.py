@@ -29,8 +29,9 @@ def make_vector_env(
     env_id: str,
     num_envs: int,
     encoder: Any = None,
-    backend: str = "onnx",
+    backend: Any = "onnx",
     representation: str = "slots",
+    max_objects: Any = None,
     **env_kwargs: Any,
 ) -> gym.vector.VectorEnv:
     """A synchronous vector env; with an ``encoder``, wrapped in :class:`VectorObjectSlots`
@@ -45,7 +46,9 @@ def make_vector_env(
     )
     if encoder is None:
         return vec
-    return VectorObjectSlots(vec, encoder=encoder, backend=backend, representation=representation)
+    return VectorObjectSlots(
+        vec, encoder=encoder, backend=backend, representation=representation, max_objects=max_objects
+    )
 
 
 __all__ = [

@@ -5,6 +5,16 @@
 Both map float32 ``[N, C, H, W]`` images in [0, 1] to the contract's outputs as numpy arrays,
 deterministically (posterior means, no sampling); ``check_range=False`` tells them the values are
 known to be in [0, 1] (uint8 observations / 255), which spares the ONNX runtime its value check.
+
+``max_objects`` raises (or lowers) the number of slots K of models that offer the contract's
+optional hook ``with_max_objects(k)`` (AIR, LAVAE): a scene can hold more objects than the model
+was trained with (Collect's agent sprite is a fourth object). An ONNX graph's K is fixed when it
+is exported, so there it must already match.
+
+A list of encoders is one :class:`FusedBackend`: the first encoder's slots are the objects, and
+each later encoder adds to every object the slot vector of its own slot at the same place. It
+lets one model supply what another lacks (LAVAE finds Collect's agent sprite, which AIR ignores;
+AIR's ``z_what`` separates digit classes better than LAVAE's appearance).
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ class _Shared:
 
 
 class TorchBackend(_Shared):
-    def __init__(self, encoder: Any) -> None:
+    def __init__(self, encoder: Any, max_objects: int | None = None) -> None:
         import torch
 
         from perception import load_encoder
@@ -40,6 +50,13 @@ class TorchBackend(_Shared):
             encoder = load_encoder(encoder)
         if not isinstance(encoder, Encoder):
             raise PerceptionError(f"expected an encoder name, checkpoint path or Encoder, got {type(encoder).__name__}")
+        if max_objects is not None and max_objects != encoder.num_slots:
+            if not hasattr(encoder, "with_max_objects"):
+                raise PerceptionError(
+                    f"max_objects={max_objects}: model '{encoder.name}' has a fixed number of slots "
+                    f"({encoder.num_slots}); only models with with_max_objects(k) (air, lavae) can change it"
+                )
+            encoder = encoder.with_max_objects(max_objects)
         for p in encoder.parameters():
             p.requires_grad_(False)
         self.model = encoder.eval()
@@ -56,7 +73,9 @@ class TorchBackend(_Shared):
 
 
 class OnnxBackend(_Shared):
-    def __init__(self, encoder: Any, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self, encoder: Any, device: str = "auto", threads: int | None = None, max_objects: int | None = None
+    ) -> None:
         try:
             from export import OnnxEncoder
         except ImportError as exc:
@@ -73,17 +92,84 @@ class OnnxBackend(_Shared):
         self.num_slots = int(self.session.num_slots)
         self.slot_layout = list(self.session.slot_layout)
         self.has_class_probs = "class_probs" in self.session.output_names
+        _check_max_objects(self, max_objects)
 
     def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:
         return self.session(images, check_range)  # numpy already; masks, if any, are computed anyway
 
 
-def make_backend(encoder: Any, backend: str = "onnx"):
-    """An encoder backend; an already-built backend is passed through (shared between wrappers)."""
+def _check_max_objects(backend: TorchBackend | OnnxBackend, max_objects: int | None) -> None:
+    if max_objects is not None and max_objects != backend.num_slots:
+        hint = (
+            "export a copy with that K (export.export_onnx(perception.load_encoder(NAME).with_max_objects(K), PATH)) "
+            "or use backend='torch'"
+            if isinstance(backend, OnnxBackend)
+            else "build the backend with max_objects"
+        )
+        raise PerceptionError(f"max_objects={max_objects}, but this encoder has {backend.num_slots} slots; {hint}")
+
+
+MATCH_RADIUS = 0.25  # contract units: 8 px on a 64 px canvas, well under the 20 px between digit centres
+
+
+class FusedBackend(_Shared):
+    """Several frozen encoders as one set of objects: the first encoder's slots are the rows
+    (its presence and position are the objects'); every later encoder appends to each row the
+    slot vector of its nearest present slot within ``MATCH_RADIUS`` of the row's position and a
+    flag saying whether there was one (else zeros and 0), so an object only the first encoder
+    sees (Collect's agent: LAVAE finds it, AIR does not) is marked as such."""
+
+    def __init__(self, members: list[TorchBackend | OnnxBackend]) -> None:
+        shapes = {m.image_shape for m in members}
+        if len(shapes) != 1:
+            raise PerceptionError(f"fused encoders must take one image shape, got {sorted(shapes)}")
+        self.members = members
+        self.image_shape = members[0].image_shape
+        self.num_slots = members[0].num_slots
+        self.slot_layout = list(members[0].slot_layout)
+        for i, m in enumerate(members[1:], 1):
+            self.slot_layout += [f"{i}:{name}" for name in m.slot_layout] + [f"{i}:matched"]
+        self.has_class_probs = False
+
+    def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:
+        first, *others = (m(images, check_range) for m in self.members)
+        parts = [first["slots"]]
+        for out in others:
+            dist = np.linalg.norm(first["position"][:, :, None] - out["position"][:, None], axis=-1)  # [N, K, J]
+            dist[np.broadcast_to(out["presence"][:, None] <= 0.5, dist.shape)] = np.inf
+            nearest = dist.argmin(-1)
+            matched = np.take_along_axis(dist, nearest[..., None], -1) < MATCH_RADIUS  # [N, K, 1]
+            parts += [np.take_along_axis(out["slots"], nearest[..., None], 1) * matched, matched]
+        return {
+            "slots": np.concatenate(parts, -1, dtype=np.float32),
+            "presence": first["presence"],
+            "position": first["position"],
+        }
+
+
+def _per_member(value: Any, n: int) -> list[Any]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise PerceptionError(f"{n} fused encoders need {n} values per setting, got {len(values)}")
+    return values
+
+
+def make_backend(encoder: Any, backend: Any = "onnx", max_objects: Any = None):
+    """An encoder backend; an already-built backend is passed through (shared between wrappers).
+    A list or tuple of encoders gives their :class:`FusedBackend`; ``backend`` and
+    ``max_objects`` are then one value for all or a sequence with one per encoder."""
+    if isinstance(encoder, (list, tuple)):
+        n = len(encoder)
+        return FusedBackend(
+            [make_backend(*m) for m in zip(encoder, _per_member(backend, n), _per_member(max_objects, n))]
+        )
+    if isinstance(encoder, FusedBackend):
+        return encoder
     if isinstance(encoder, (TorchBackend, OnnxBackend)):
+        _check_max_objects(encoder, max_objects)
         return encoder
     if backend == "torch":
-        return TorchBackend(encoder)
+        return TorchBackend(encoder, max_objects)
     if backend == "onnx":
-        return OnnxBackend(encoder)
+        return OnnxBackend(encoder, max_objects=max_objects)
     raise PerceptionError(f"unknown encoder backend '{backend}'; valid: {', '.join(BACKENDS)}")

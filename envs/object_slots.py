@@ -13,7 +13,9 @@ Observation: ``Dict(slots=Box(-bound, bound, (K, D)), mask=Box(0, 1, (K,)))``, f
   perception metrics); rows with mask 0 are kept (agents mask them) so the shape is fixed.
 
 :class:`ObjectSlots` encodes one image per step; :class:`VectorObjectSlots` encodes all
-sub-environments of a vector env in one batched encoder call per step.
+sub-environments of a vector env in one batched encoder call per step. ``max_objects`` sets K
+for models that can change it; a list of encoders is fused by position, with ``backend`` and
+``max_objects`` then one value or one per encoder (see :mod:`envs.encoders`).
 """
 
 from __future__ import annotations
@@ -36,11 +38,17 @@ class SlotConverter:
     """uint8 (or float [0, 1]) image batches -> slot dicts, for one encoder and representation."""
 
     def __init__(
-        self, image_space: gym.Space, encoder: Any, backend: str, representation: str, bound: float = SLOT_BOUND
+        self,
+        image_space: gym.Space,
+        encoder: Any,
+        backend: Any,
+        representation: str,
+        bound: float = SLOT_BOUND,
+        max_objects: Any = None,
     ) -> None:
         if representation not in REPRESENTATIONS:
             raise PerceptionError(f"unknown representation '{representation}'; valid: {', '.join(REPRESENTATIONS)}")
-        self.encoder = make_backend(encoder, backend)
+        self.encoder = make_backend(encoder, backend, max_objects)
         if not isinstance(image_space, spaces.Box) or tuple(image_space.shape) != self.encoder.image_shape:
             got = list(image_space.shape) if isinstance(image_space, spaces.Box) else type(image_space).__name__
             raise InputError(
@@ -97,15 +105,16 @@ class ObjectSlots(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         self,
         env: gym.Env,
         encoder: Any = "vae",
-        backend: str = "onnx",
+        backend: Any = "onnx",
         representation: str = "slots",
         bound: float = SLOT_BOUND,
+        max_objects: Any = None,
     ) -> None:
         gym.utils.RecordConstructorArgs.__init__(
-            self, encoder=encoder, backend=backend, representation=representation, bound=bound
+            self, encoder=encoder, backend=backend, representation=representation, bound=bound, max_objects=max_objects
         )
         gym.ObservationWrapper.__init__(self, env)
-        self.converter = SlotConverter(env.observation_space, encoder, backend, representation, bound)
+        self.converter = SlotConverter(env.observation_space, encoder, backend, representation, bound, max_objects)
         self.observation_space = self.converter.space
 
     def observation(self, observation: np.ndarray) -> dict[str, np.ndarray]:
@@ -120,12 +129,15 @@ class VectorObjectSlots(gym.vector.VectorObservationWrapper):
         self,
         env: gym.vector.VectorEnv,
         encoder: Any = "vae",
-        backend: str = "onnx",
+        backend: Any = "onnx",
         representation: str = "slots",
         bound: float = SLOT_BOUND,
+        max_objects: Any = None,
     ) -> None:
         super().__init__(env)
-        self.converter = SlotConverter(env.single_observation_space, encoder, backend, representation, bound)
+        self.converter = SlotConverter(
+            env.single_observation_space, encoder, backend, representation, bound, max_objects
+        )
         self.single_observation_space = self.converter.space
         self.observation_space = batch_space(self.converter.space, env.num_envs)
 

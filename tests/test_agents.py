@@ -14,6 +14,7 @@ from ray.rllib.core.columns import Columns
 import envs
 from agents.environment import ObservationSource, rllib_env_creator
 from agents.modules import PixelCNNModule, SlotSetModule
+from perception.errors import PerceptionError
 from perception.models import build_model
 from perception.train.checkpoint import atomic_save, encoder_state
 
@@ -136,3 +137,34 @@ def test_ppo_iteration_on_slots_and_pixels(ray_session, vae_checkpoint, encoder)
         algo.stop()
     assert row["env_steps"] >= 128
     assert math.isfinite(learner["total_loss"]) and math.isfinite(learner["vf_loss"])
+
+
+def test_encoder_spec_sets_k_and_fuses_encoders(tmp_path):
+    torch.manual_seed(0)
+    air = build_model("air", {"hidden": 16, "embed": 16, "mlp": 16, "what_dim": 4}, (1, 64, 64))
+    path = tmp_path / "air.pt"
+    atomic_save(encoder_state(air, "untrained"), path)
+    source = ObservationSource("MultiMNIST-Collect-v0", f"{path}@4")
+    assert source.members == [(str(path), 4)] and source.resolved_backends() == ["torch"]
+    assert ObservationSource("MultiMNIST-Collect-v0", "air@4").resolved_backends() == ["torch"]  # ONNX K is fixed
+    vec = rllib_env_creator({**source.as_config(), "num_envs": 2})
+    assert vec.single_observation_space["slots"].shape == (4, 3 + 4 + 2)
+
+    fused = rllib_env_creator(ObservationSource("MultiMNIST-Collect-v0", f"{path}@4+{path}@2").as_config())
+    obs, _ = fused.reset(seed=0)
+    assert obs["slots"].shape == (4, 7 + 7 + 1 + 2)  # the first encoder's rows, the second's features
+    for bad in ("air@0", "air@x", "air+"):
+        with pytest.raises(PerceptionError, match="NAME@K"):
+            ObservationSource("MultiMNIST-Collect-v0", bad)
+
+
+def test_probe_reports_what_the_slots_hold(vae_checkpoint, tmp_path):
+    from agents.probe import main
+
+    out = tmp_path / "probe"
+    assert main(["--encoders", vae_checkpoint, "--episodes", "2", "--scenes", "30", "--out", str(out)]) == 0
+    result = json.loads((out / "probe.json").read_text())
+    collect, odd = result["collect"][vae_checkpoint], result["oddoneout"][vae_checkpoint]
+    assert 0.0 <= collect["agent_has_slot"] <= 1.0 and collect["frames"] > 0
+    assert odd == {"scenes": 30, "scenes_matched": 0.0}  # one slot cannot hold three digits
+    assert main(["--encoders", vae_checkpoint, "--probes", "nope", "--out", str(out)]) == 2

@@ -206,3 +206,74 @@ def test_throughput_decomposition_splits_each_step_and_leaves_the_env_as_it_was(
     assert "step" not in vars(vec.env) and "run" not in vars(session)  # the clocks are gone
     obs, *_ = vec.step(vec.action_space.sample())
     assert vec.observation_space.contains(obs)
+
+
+def test_max_objects_raises_k_where_the_model_allows_it():
+    """Collect's agent sprite is a fourth object for encoders trained on 3 digits."""
+    torch.manual_seed(0)
+    air = build_model("air", {"hidden": 16, "embed": 16, "mlp": 16, "what_dim": 4}, (1, 64, 64)).eval()
+    env = envs.ObjectSlots(make("MultiMNIST-Collect-v0"), encoder=air, backend="torch", max_objects=5)
+    assert env.observation_space["slots"].shape == (5, 3 + 4 + 2)
+    obs, _ = env.reset(seed=1)
+    image = torch.from_numpy(env.unwrapped.image()[None].astype(np.float32) / 255.0)
+    with torch.no_grad():
+        ref = air.encode(image, max_steps=5)
+    np.testing.assert_allclose(obs["slots"][:, -2:], ref.position[0].numpy(), atol=1e-5)
+    check_env(env, skip_render_check=True)
+    assert air.num_slots == 3  # the caller's model is left as it was
+
+
+def test_max_objects_on_a_fixed_k_model_or_onnx_graph_is_a_clear_error(vae_files):
+    with pytest.raises(PerceptionError, match="fixed number of slots"):
+        envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=str(vae_files["torch"]), backend="torch", max_objects=3)
+    with pytest.raises(PerceptionError, match="export"):
+        envs.ObjectSlots(
+            make("MultiMNIST-Count-v0"), encoder=_encoder_for(vae_files, "onnx"), backend="onnx", max_objects=3
+        )
+
+
+class FixedSlots(Encoder):
+    """Slots at fixed places whose features are (slot index + 1) * the image mean."""
+
+    Config = _NoConfig
+    name = "fixed-slots"
+
+    def __init__(self, positions, presence, width):
+        super().__init__(_NoConfig(), (1, 64, 64))
+        self.positions, self.presences, self.width = torch.tensor(positions), torch.tensor(presence), width
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.presences)
+
+    @property
+    def slot_layout(self) -> list[str]:
+        return [f"f{i}" for i in range(self.width)]
+
+    def encode(self, images, deterministic=True):
+        n, k = images.shape[0], self.num_slots
+        scale = torch.arange(1.0, k + 1)[None, :, None] * images.mean(dim=(1, 2, 3))[:, None, None]
+        return EncoderOutput(
+            slots=scale.expand(n, k, self.width),
+            presence=self.presences.expand(n, k),
+            position=self.positions.expand(n, k, 2),
+        )
+
+    def loss(self, batch, step):
+        return ModelLoss(torch.zeros(()), {})
+
+
+def test_fused_encoders_add_the_features_of_the_slot_at_the_same_place():
+    detector = FixedSlots([[0.5, 0.5], [-0.5, 0.0], [0.0, -0.6]], [0.9, 0.9, 0.9], width=1)
+    # slot 0 is absent at the detector's first object, slot 1 near it, slot 2 near nothing present
+    describer = FixedSlots([[0.5, 0.5], [0.6, 0.45], [-0.5, 0.3]], [0.1, 0.9, 0.9], width=2)
+    env = envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=[detector, describer], backend="torch")
+    assert env.observation_space["slots"].shape == (3, 1 + 2 + 1 + 2)  # own, other's, matched, position
+    obs, _ = env.reset(seed=3)
+    m = env.unwrapped.image().mean() / 255.0
+    np.testing.assert_allclose(obs["slots"][:, 0], [m, 2 * m, 3 * m], rtol=1e-5)
+    np.testing.assert_allclose(obs["slots"][:, 1:3], [[2 * m, 2 * m], [0, 0], [0, 0]], rtol=1e-5)
+    assert obs["slots"][:, 3].tolist() == [1.0, 0.0, 0.0]  # [-0.5, 0.3] is 0.3 away: beyond the radius
+    np.testing.assert_allclose(obs["slots"][:, -2:], [[0.5, 0.5], [-0.5, 0.0], [0.0, -0.6]])
+    assert obs["mask"].tolist() == [1.0, 1.0, 1.0]
+    check_env(env, skip_render_check=True)
