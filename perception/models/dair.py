@@ -1,7 +1,6 @@
 """DAIR: AIR whose object model is a D-VAE-ST, so every object gets a digit class without labels.
 
-Default object model (``object_model="dvaest"``): each glimpse AIR cuts out is re-centred on its
-centre of mass (MNIST digits are centred that way; AIR's boxes are ~1 px off, which costs a
+Each glimpse AIR cuts out is re-centred on its centre of mass (MNIST digits are centred that way; AIR's boxes are ~1 px off, which costs a
 single-digit D-VAE-ST 5 points of class accuracy), the digit's frame is cut from it at
 ``frame_scale`` (the canonical scenes' 20 px digits are whole 28x28 MNIST frames resized) and a
 D-VAE-ST (:class:`~perception.nn.digit_reader.DigitReader`: classifier, 10 prototypes and a
@@ -14,18 +13,13 @@ D-VAE-ST loss of every frame (``E_q[cost] + KL(q(c) || uniform)``, the class thr
 The intended start is two unsupervised checkpoints: ``init_from`` an AIR (localisation: embedding,
 keypoints, LSTM, where and presence heads) and ``init_what_from`` a ``dvaest`` trained on single
 digits of the same training pool. Learning prototypes from scratch inside DAIR is what failed
-before (the thesis: 78.76% count accuracy, no useful prototypes; this repo's ``"prototypes"``
-object model: 55% class accuracy), while a D-VAE-ST on isolated digits has split-and-merge moves
-and balance schedules that make its prototypes distinct classes.
+before (the thesis: 78.76% count accuracy, no useful prototypes; this repo's earlier object
+model of learned 20x20 prototypes with a frequency-sensitive class choice, since removed: 55%
+class accuracy, docs/results/multi_mnist.md), while a D-VAE-ST on isolated digits has
+split-and-merge moves and balance schedules that make its prototypes distinct classes.
 
-``object_model="prototypes"`` is that earlier model: 20x20 prototypes with an amortised affine
-transform, q(class | glimpse) = softmax of minus each class' glimpse cost, a frequency-sensitive
-choice (``balance_nats * log(C * usage)``) against one prototype winning every glimpse, and
-k-means++ initialisation on the first present glimpses.
-
-Slots: [where (3), transform (7 with ``object_model="dvaest"``: the six of
-:data:`~perception.nn.spatial_transformer.PARAM_NAMES` and thickness; 6 otherwise), class one-hot
-(C)]; ``class_probs`` ``[N, K, C]``.
+Slots: [where (3), transform (7: the six of :data:`~perception.nn.spatial_transformer.PARAM_NAMES`
+and thickness), class one-hot (C)]; ``class_probs`` ``[N, K, C]``.
 """
 
 from __future__ import annotations
@@ -40,129 +34,27 @@ from torch import Tensor, nn
 
 from perception.contract import ModelLoss
 from perception.errors import CheckpointError, PerceptionError
-from perception.models.air import AIR, AIRConfig, ObjectCode, mlp
+from perception.models.air import AIR, AIRConfig, ObjectCode
 from perception.nn.digit_reader import TRANSFORM_NAMES, DigitReader
-from perception.nn.glimpse import cut, paste, warp_affine
-from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params
-
-
-OBJECT_MODELS = ("dvaest", "prototypes")
+from perception.nn.glimpse import cut, paste
 
 
 @dataclass
 class DAIRConfig(AIRConfig):
-    # "dvaest": each glimpse is centred on its centre of mass and read by a D-VAE-ST (28x28 frame,
-    # the MNIST digit frame; prototypes + per-class transform + stroke thickness), the route that
-    # reaches >90% class accuracy. "prototypes": the earlier 20x20 prototype model (``balance_nats``,
-    # ``usage_decay``, ``prototype_init_step`` and ``transform_prior_std`` are its options).
-    object_model: str = "dvaest"
-    glimpse_size: int = 28  # dvaest: read at this resolution, then the frame is cut from it
+    glimpse_size: int = 28  # read at this resolution, then the frame is cut from it
     num_classes: int = 10
     class_estimator: str = "exact"
-    frame_scale: float = 0.88  # dvaest: the digit's frame as a fraction of AIR's glimpse width
-    align_iters: int = 2  # dvaest: centre-of-mass re-centring steps of the frame inside the glimpse
+    frame_scale: float = 0.88  # the digit's frame as a fraction of AIR's glimpse width
+    align_iters: int = 2  # centre-of-mass re-centring steps of the frame inside the glimpse
     init_what_from: str = ""  # dvaest checkpoint (path or bundled name) to start the object model from
-    transform_prior_std: float = 0.2  # on the six affine parameters (log scales, angle, shear, shift)
-    balance_nats: float = 100.0  # cost per e-fold of over-use of a class (frequency-sensitive choice)
-    usage_decay: float = 0.99
-    prototype_init_step: int = 0  # k-means++ on present glimpses at the first training step >= this
     init_from: str = ""  # AIR checkpoint (path or bundled name) to start the localisation from
     keypoints: int = 0  # the bundled AIR (the usual init_from) has no residual keypoints
     explore: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.object_model not in OBJECT_MODELS:
-            raise PerceptionError(f"unknown dair object_model '{self.object_model}'; valid: {', '.join(OBJECT_MODELS)}")
         if not 0 < self.frame_scale <= 2 or self.align_iters < 0:
             raise PerceptionError("dair needs 0 < frame_scale <= 2 and align_iters >= 0")
-
-
-class PrototypeWhat(nn.Module):
-    """Glimpse = class prototype warped by a per-class affine transform."""
-
-    def __init__(self, channels: int, glimpse: int, cfg: DAIRConfig):
-        super().__init__()
-        from perception.estimators import build_estimator
-
-        c = cfg.num_classes
-        self.num_classes = c
-        self.std = cfg.likelihood_std
-        self.prior_std = cfg.transform_prior_std
-        self.trunk = nn.Sequential(mlp([channels * glimpse * glimpse, cfg.mlp, cfg.mlp]), nn.ReLU())
-        self.transform_head = nn.Linear(cfg.mlp, c * 2 * len(PARAM_NAMES))
-        with torch.no_grad():  # identity transforms with a small spread to begin with
-            self.transform_head.weight.mul_(0.01)
-            bias = self.transform_head.bias.view(c, 2, len(PARAM_NAMES))
-            bias[:, 0].zero_()
-            bias[:, 1].fill_(-3.0)
-        self.prototypes = nn.Parameter(torch.randn(c, channels, glimpse, glimpse) * 0.1 - 1.0)  # logits
-        self.balance = cfg.balance_nats
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("usage", torch.full((c,), 1.0 / c))
-        self.estimator = build_estimator(cfg.class_estimator, "categorical", num_classes=c, context_dim=cfg.mlp)
-        self.feature_names = [f"transform_{n}" for n in PARAM_NAMES] + [f"class_{i}" for i in range(c)]
-        self.feedback_dim = len(PARAM_NAMES) + c
-
-    def class_reconstructions(self, transforms: Tensor) -> Tensor:
-        """``[B, C, ch, g, g]``: every prototype under its own transform ``[B, C, 6]``."""
-        b, c, _ = transforms.shape
-        protos = torch.sigmoid(self.prototypes)
-        flat = protos.unsqueeze(0).expand(b, *protos.shape).reshape(b * c, *protos.shape[1:])
-        out = warp_affine(flat, affine_from_params(transforms.reshape(b * c, -1)))
-        return out.view(b, c, *protos.shape[1:])
-
-    def forward(self, glimpse: Tensor, sample: bool) -> ObjectCode:
-        b, c = glimpse.shape[0], self.num_classes
-        h = self.trunk(glimpse.flatten(1))
-        mean, raw_std = self.transform_head(h).view(b, c, 2, -1).unbind(2)
-        std = F.softplus(raw_std) + 1e-4
-        transforms = mean + torch.randn_like(mean) * std if sample else mean
-        prior = self.prior_std
-        transform_kl = (math.log(prior) - std.log() + (std.pow(2) + mean.pow(2)) / (2 * prior**2) - 0.5).sum(-1)
-        recon = self.class_reconstructions(transforms)
-        # Compared at half resolution (x4 to keep the scale of a full-resolution sum), so that a
-        # sharp prototype slightly out of place is not beaten by a blurry average one.
-        diff = F.avg_pool2d((glimpse.unsqueeze(1) - recon).flatten(0, 1), 2)
-        nll = 2.0 * (diff / self.std).pow(2).view(b, c, -1).sum(-1)  # [B, C] (+ const)
-        cost = nll + transform_kl + self.balance * torch.log(c * self.usage.clamp(min=1e-3 / c))
-        logits = -cost
-        log_q = F.log_softmax(logits, -1)
-        choice = F.one_hot(logits.detach().argmax(-1), c).to(logits.dtype)  # hard EM
-        aux = None
-        if sample and self.training:
-            aux = self.estimator(logits, lambda y: (y * cost).sum(-1), context=h).surrogate
-        appearance = (choice[:, :, None, None, None] * recon).sum(1)
-        chosen_transform = (choice.unsqueeze(-1) * transforms).sum(1)
-        kl = (log_q.exp() * (log_q + math.log(c))).sum(-1) + (choice * transform_kl).sum(-1)
-        features = torch.cat([chosen_transform, choice], -1)
-        # For importance weights the class is what the canvas used: q is a point mass on the
-        # argmax (log q = 0) against a uniform prior, so the ratio is -log C plus the transform's.
-        transform_ratio = (std.log() - math.log(prior) - 0.5 * (transforms / prior).pow(2) + 0.5 * ((transforms - mean) / std).pow(2)).sum(-1)
-        log_ratio = (choice * transform_ratio).sum(-1) - math.log(c)
-        return ObjectCode(features, kl, appearance, features, log_q.exp(), aux, log_ratio)
-
-    @torch.no_grad()
-    def init_prototypes(self, glimpses: Tensor, generator: torch.Generator | None = None) -> bool:
-        """k-means++ seeding plus a few Lloyd steps on ``glimpses`` ``[M, ch, g, g]``; False if too few."""
-        c = self.num_classes
-        x = glimpses.flatten(1)
-        if x.shape[0] < 2 * c:
-            return False
-        centres = [x[torch.randint(len(x), (1,), generator=generator)]]
-        for _ in range(c - 1):
-            d2 = torch.cdist(x, torch.cat(centres)).pow(2).min(1).values
-            centres.append(x[torch.multinomial(d2 + 1e-12, 1, generator=generator)])
-        centres = torch.cat(centres)
-        for _ in range(10):
-            assign = torch.cdist(x, centres).argmin(1)
-            for k in range(c):
-                members = x[assign == k]
-                if len(members):
-                    centres[k] = members.mean(0)
-        self.prototypes.copy_(torch.logit(centres.view_as(self.prototypes).clamp(0.02, 0.98)))
-        self.initialised.fill_(True)
-        return True
 
 
 DVAEST_FRAME = 28  # the D-VAE-ST reads MNIST-sized frames (the digit's 20 px box is a 28x28 digit resized)
@@ -259,8 +151,7 @@ class DAIR(AIR):
         self.register_buffer("warm_started", torch.zeros((), dtype=torch.bool))
 
     def build_object_model(self) -> nn.Module:
-        cls = DVAESTWhat if self.config.object_model == "dvaest" else PrototypeWhat
-        return cls(self.image_shape[0], self.config.glimpse_size, self.config)
+        return DVAESTWhat(self.image_shape[0], self.config.glimpse_size, self.config)
 
     @property
     def num_classes(self) -> int:
@@ -268,8 +159,7 @@ class DAIR(AIR):
 
     def visualize(self, images: Tensor) -> dict[str, Tensor]:
         rows = super().visualize(images)
-        dvaest = isinstance(self.objects, DVAESTWhat)
-        protos = self.objects.digits.prototypes() if dvaest else torch.sigmoid(self.objects.prototypes)
+        protos = self.objects.digits.prototypes()
         c, h, w = self.image_shape
         n = protos.shape[0]
         native = protos.new_full((n,), protos.shape[-1] / w)  # at their own size, centred
@@ -285,11 +175,6 @@ class DAIR(AIR):
         probs = torch.stack([o.class_probs for o in steps.objects], 1)  # [B, K, C]
         mean = (w * probs).sum((0, 1)) / w.sum().clamp(min=1e-6)
         metrics["class_entropy_gap"] = (math.log(self.num_classes) + (mean * mean.clamp(min=1e-12).log()).sum()).item()
-        if self.training and isinstance(self.objects, PrototypeWhat):  # frequency of the classes the canvas used
-            chosen = torch.stack([o.features[:, -self.num_classes :] for o in steps.objects], 1)
-            freq = (w * chosen).sum((0, 1)) / w.sum().clamp(min=1e-6)
-            decay = self.config.usage_decay
-            self.objects.usage.mul_(decay).add_((1 - decay) * freq.detach())
         return ModelLoss(loss.mean(), metrics)
 
     @torch.no_grad()
@@ -299,17 +184,13 @@ class DAIR(AIR):
         if self.config.init_from and not self.warm_started:
             self.load_localisation(self.config.init_from)
             self.warm_started.fill_(True)
-        if isinstance(self.objects, DVAESTWhat):
-            digits = self.objects.digits
-            if self.config.init_what_from and not digits.seeded:
-                self.objects.load(self.config.init_what_from)
-            if not digits.seeded:  # k-means++ on the frames of the first present glimpses
-                glimpses = self.present_glimpses(images)
-                if len(glimpses) >= self.num_classes:
-                    digits.seed(self.objects.frames(glimpses)[0])
-            return
-        if not self.objects.initialised and step >= self.config.prototype_init_step:
-            self.objects.init_prototypes(self.present_glimpses(images))
+        digits = self.objects.digits
+        if self.config.init_what_from and not digits.seeded:
+            self.objects.load(self.config.init_what_from)
+        if not digits.seeded:  # k-means++ on the frames of the first present glimpses
+            glimpses = self.present_glimpses(images)
+            if len(glimpses) >= self.num_classes:
+                digits.seed(self.objects.frames(glimpses)[0])
 
     def present_glimpses(self, images: Tensor) -> Tensor:
         """``[M, C, g, g]`` glimpses of the objects the current model finds (deterministic)."""
