@@ -188,3 +188,41 @@ def test_trains_with_the_shared_trainer(name, tmp_path):
                       image_every=0, model_options={**TINY[name], "lds": True})
     metrics = train(cfg, tmp_path / "run", progress=False)
     assert 0.0 <= metrics["fg_ari"] <= 1.0 and "duplicate_rate" in metrics
+
+
+def test_broadcast_decoder_equals_its_tiled_convolution_definition():
+    """The linear first layer and channels-last layers must compute exactly the plain decoder."""
+    from torch.nn import functional as F
+
+    from perception.nn.broadcast_decoder import SpatialBroadcastDecoder
+
+    torch.manual_seed(0)
+    decoder = SpatialBroadcastDecoder(4, 3, (6, 5), channels=8, layers=3).double()
+    z = torch.randn(5, 4, dtype=torch.double)
+    coords = decoder.coords.double().expand(5, -1, -1, -1)
+    h = torch.cat([z[:, :, None, None].expand(-1, -1, *coords.shape[2:]), coords], 1)
+    for conv in decoder.convs:
+        h = F.elu(conv(h))
+    torch.testing.assert_close(decoder(z), decoder.out(h.contiguous()))
+    assert decoder(z).is_contiguous()
+
+
+def test_iodine_training_gradient_reaches_the_initial_posterior_and_every_layer():
+    """The unscored first decode runs without autograd; the initial posterior must still learn."""
+    x = images("tetris", 2)
+    model = tiny("iodine", tuple(x.shape[1:]))
+    model.loss({"image": x}, 0).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_monet_log_sigmoid_equals_torch_and_stays_finite_where_the_sigmoid_underflows():
+    """The exported attention must not produce -inf log scopes (NaN slots in onnxruntime)."""
+    from perception.models.monet import log_sigmoid
+
+    x = torch.linspace(-300, 300, 6001, dtype=torch.double)
+    torch.testing.assert_close(log_sigmoid(x), torch.nn.functional.logsigmoid(x))
+    big = torch.tensor([-1e4, 1e4])
+    assert torch.isfinite(log_sigmoid(big)).all()
+    assert torch.isinf(torch.sigmoid(big).log()).any()  # what the ONNX exporters write for F.logsigmoid

@@ -240,11 +240,15 @@ class IODINE(Encoder):
             else:
                 eps = torch.zeros_like(mu)
             z = mu + eps * (0.5 * logvar).exp()
-            means, logits, cache = self.decode(z)
+            # The initial posterior's decode is never scored (loss weight 0 / T): it only feeds the
+            # refinement network's stop-gradient inputs, so autograd need not record it.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step > 0):
+                means, logits, cache = self.decode(z)
+                if step == 0:
+                    means, logits = means.expand(n, -1, -1, -1, -1), logits.expand(n, -1, -1, -1)
+                terms = mixture_terms(x, means, logits, self.config.sigma)
             if step == 0:
                 z, mu, logvar, eps = (v.expand(n, -1, -1) for v in (z, mu, logvar, eps))
-                means, logits = means.expand(n, -1, -1, -1, -1), logits.expand(n, -1, -1, -1)
-            terms = mixture_terms(x, means, logits, self.config.sigma)
             yield z, mu, logvar, means, logits, terms
             if step == iterations:
                 return

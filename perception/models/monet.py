@@ -51,6 +51,13 @@ class MONetConfig:
     presence_min_area: float = 0.004  # share of the image a slot's argmax mask must cover
 
 
+def log_sigmoid(x: Tensor) -> Tensor:
+    """``log sigmoid(x)`` that stays finite in exported graphs: ONNX exporters write
+    ``F.logsigmoid`` as ``Log(Sigmoid(x))``, which is -inf once the sigmoid underflows (and the
+    -inf log scope then turns the component encoder's output into NaN in onnxruntime)."""
+    return torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-x.abs()))
+
+
 def masks_to_contract(masks: Tensor, background: Tensor, min_area: float) -> tuple[Tensor, Tensor]:
     """Presence and position from soft masks ``[N, K, H, W]``.
 
@@ -110,8 +117,8 @@ class MONet(Encoder):
         log_masks = []
         for _ in range(self.config.num_slots - 1):
             logits = self.attention(torch.cat([x, log_scope], dim=1))
-            log_masks.append(log_scope + F.logsigmoid(logits))
-            log_scope = log_scope + F.logsigmoid(-logits)
+            log_masks.append(log_scope + log_sigmoid(logits))
+            log_scope = log_scope + log_sigmoid(-logits)
         log_masks.append(log_scope)
         return torch.cat(log_masks, dim=1)
 

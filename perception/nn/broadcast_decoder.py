@@ -8,8 +8,12 @@ entangle with appearance, which is why MONet and IODINE decode each slot this wa
 The first convolution sees a spatially constant ``z``, so its ``z`` part is exactly a linear map
 of ``z`` (the kernel summed over space) and its coordinate part a fixed map: computing it that
 way is identical and saves the costliest layer. ``forward_with_cache`` keeps the
-pre-activations, from which :meth:`SpatialBroadcastDecoder.vjp` back-propagates a
+activations, from which :meth:`SpatialBroadcastDecoder.vjp` back-propagates a
 gradient to ``z`` without autograd (which ``torch.onnx.export`` cannot trace).
+
+The hidden layers run in channels-last memory format: the same sums, but oneDNN's CPU
+convolutions are ~1.3x faster forward and backward on them (measured in
+``python -m perception.bench segmentation --cost``); the output is returned contiguous.
 """
 
 from __future__ import annotations
@@ -55,28 +59,34 @@ class SpatialBroadcastDecoder(nn.Module):
         return fixed + (z @ w_z.sum(dim=(2, 3)).t())[:, :, None, None]
 
     def forward_with_cache(self, z: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Output and the pre-activations :meth:`vjp` needs."""
-        pre = [self._first(z)]
+        """Output and the ELU activations :meth:`vjp` needs.
+
+        ELU runs in place: no convolution needs its own output for its backward, and an in-place
+        ELU's backward reads its result, so autograd keeps one tensor per layer instead of two.
+        """
+        acts = [F.elu(self._first(z).contiguous(memory_format=torch.channels_last), inplace=True)]
         for conv in self.convs[1:]:
-            pre.append(conv(F.elu(pre[-1])))
-        return self.out(F.elu(pre[-1])), pre
+            acts.append(F.elu(conv(acts[-1]), inplace=True))
+        return self.out(acts[-1]).contiguous(), acts
 
     def forward(self, z: Tensor) -> Tensor:
         return self.forward_with_cache(z)[0]
 
-    def vjp(self, pre: list[Tensor], grad_out: Tensor) -> Tensor:
+    def vjp(self, acts: list[Tensor], grad_out: Tensor) -> Tensor:
         """``d<grad_out, decoder(z)>/dz`` per slot: ``grad_out [N, K, C, H, W]``, cached
-        pre-activations ``[N or 1, K, ...]`` (broadcast over the batch) -> ``[N, K, D]``.
+        activations ``[N or 1, K, ...]`` (broadcast over the batch) -> ``[N, K, D]``.
 
         Transposed convolutions are computed as convolutions with flipped, channel-swapped kernels
         (the same sums; onnxruntime runs ConvTranspose through a slow col2im path and Conv through
-        its blocked kernels), and ELU's derivative as ``exp(min(x, 0))``, exactly 1 for x > 0.
+        its blocked kernels). ELU's derivative is read off its output: ``min(a, 0) + 1``, which is
+        ``exp(x)`` for x <= 0 and exactly 1 for x > 0 (cheaper than recomputing the exponential).
         """
         n, k = grad_out.shape[:2]
-        g = F.conv2d(grad_out.flatten(0, 1), self.out.weight.transpose(0, 1))
+        channels_last = torch.channels_last
+        g = F.conv2d(grad_out.flatten(0, 1).contiguous(memory_format=channels_last), self.out.weight.transpose(0, 1))
         for i in range(len(self.convs) - 1, 0, -1):
             weight = self.convs[i].weight
-            g = (g.view(n, k, *g.shape[1:]) * pre[i].clamp(max=0).exp()).flatten(0, 1)
+            g = (g.view(n, k, *g.shape[1:]) * (acts[i].clamp(max=0) + 1)).flatten(0, 1)
             g = F.conv2d(g, weight.flip(2, 3).transpose(0, 1), padding=weight.shape[-1] - 1)
         w_z = self.convs[0].weight[:, : self.latent_dim].sum(dim=(2, 3))  # [C, D]
-        return (g.view(n, k, *g.shape[1:]) * pre[0].clamp(max=0).exp()).sum(dim=(3, 4)) @ w_z
+        return (g.view(n, k, *g.shape[1:]) * (acts[0].clamp(max=0) + 1)).sum(dim=(3, 4)) @ w_z
