@@ -256,4 +256,4 @@ def test_bundled_checkpoint_classifies_held_out_digits():
     test = make_dataset("mnist", "test", data_dir=data_dir)  # digits 8000-9999, never trained on
     with torch.no_grad():
         pred = model(torch.from_numpy(test.float_images())).class_probs[:, 0].argmax(-1).numpy()
-    assert clustering_accuracy(pred, test.labels[:, 0], 10) > 0.9  # model card: 93.65% (classifier)
+    assert clustering_accuracy(pred, test.labels[:, 0], 10) > 0.9  # model card: 93.50% (classifier)

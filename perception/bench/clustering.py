@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", default=None, help="discrete estimator (default: the model's)")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
     p.add_argument("--seed-list", type=int, nargs="+", metavar="SEED", help="these seeds instead of 0 .. N-1")
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=3600)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
         "--clusters", type=int, nargs="+", help="number(s) of prototype classes L (default: the number of classes)"
