@@ -260,15 +260,18 @@ class DVAE(Encoder):
         """Amortised q(c|x) logits ``[N, P]``; pruned prototypes get :data:`DEAD_LOGIT`."""
         return self.to_logits(hidden).masked_fill(~self.alive, DEAD_LOGIT)
 
-    def class_logits(self, images: Tensor, deterministic: bool = True) -> tuple[Tensor, Tensor]:
-        """(class logits [N, L] as ``class_inference`` reads them, transform params [N, L, T]),
-        over the ``num_classes`` read-out classes."""
+    def read_logits(self, images: Tensor, deterministic: bool = True) -> tuple[Tensor, Tensor]:
+        """(logits [N, P] as ``class_inference`` reads them, transform params [N, P, T]) for every
+        prototype, spares included."""
         hidden = self.hidden(images)
         params, kl_z = self.transform(images, hidden, deterministic)
         if self.config.class_inference == "classifier":
-            logits = self.to_logits(hidden)
-        else:
-            logits = -self.costs(images, params, kl_z)
+            return self.to_logits(hidden), params
+        return -self.costs(images, params, kl_z), params
+
+    def class_logits(self, images: Tensor, deterministic: bool = True) -> tuple[Tensor, Tensor]:
+        """(class logits [N, L], transform params [N, L, T]) over the ``num_classes`` read-out classes."""
+        logits, params = self.read_logits(images, deterministic)
         return logits[:, self.keep], params[:, self.keep]
 
     def encode(self, images: Tensor, deterministic: bool = True) -> EncoderOutput:
@@ -412,9 +415,7 @@ class DVAE(Encoder):
         return ModelLoss(loss, metrics)
 
     def reconstruct(self, images: Tensor) -> Tensor:
-        hidden = self.hidden(images)
-        params, kl_z = self.transform(images, hidden, deterministic=True)
-        logits = self.to_logits(hidden) if self.config.class_inference == "classifier" else -self.costs(images, params, kl_z)
+        logits, params = self.read_logits(images)
         cls = self.keep[logits[:, self.keep].argmax(-1)]
         return self.render(F.one_hot(cls, self.num_prototypes).to(images.dtype), params)
 
