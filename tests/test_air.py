@@ -88,7 +88,7 @@ def test_every_class_estimator_trains_dair(estimator):
     assert torch.isfinite(result.loss)
     result.loss.backward()
     assert inference_grad(model) > 0
-    assert float(model.objects.digits.prototype_logits.grad.abs().sum()) > 0
+    assert float(model.objects.digits.bank.logits.grad.abs().sum()) > 0
     assert float(model.objects.digits.to_logits.weight.grad.abs().sum()) > 0  # the class posterior learns
 
 
@@ -159,7 +159,7 @@ def test_dair_starts_from_an_air_checkpoint(tmp_path):
     dair = tiny("dair", init_from=str(tmp_path / "air.pt")).train()
     dair.loss({"image": images(16)}, step=0)  # enough present glimpses for k-means++
     assert torch.equal(dair.where_head.weight, air.where_head.weight)
-    assert bool(dair.warm_started) and bool(dair.objects.digits.seeded)
+    assert bool(dair.warm_started) and bool(dair.objects.digits.bank.seeded)
     with pytest.raises(Exception, match="not an AIR checkpoint"):
         other = tiny("dair", init_from=str(tmp_path / "dair.pt"))
         atomic_save(encoder_state(dair, "test"), tmp_path / "dair.pt")
@@ -192,19 +192,24 @@ def test_dair_refuses_an_air_with_other_keypoints(tmp_path):
 
 
 def test_dair_reads_objects_with_a_dvaest_checkpoint(tmp_path):
-    from perception.train.checkpoint import atomic_save, encoder_state
+    """A dvaest that pruned two of its 12 prototypes: DAIR's D-VAE-ST holds exactly the 10 it reads out."""
+    from perception.train.checkpoint import atomic_save, encoder_state, load_encoder_checkpoint
 
-    dvaest = build_model("dvaest", {"num_classes": 10}, (1, 28, 28))
+    dvaest = build_model("dvaest", {"num_classes": 10, "extra_classes": 2}, (1, 28, 28))
     with torch.no_grad():
         dvaest.bank.logits.normal_()
+        dvaest.to_transform[-1].bias.normal_()
+        dvaest.alive[[3, 7]] = False
     atomic_save(encoder_state(dvaest, "test"), tmp_path / "dvaest.pt")
+    dvaest = load_encoder_checkpoint(tmp_path / "dvaest.pt")
     dair = tiny("dair", init_what_from=str(tmp_path / "dvaest.pt")).train()
     dair.loss({"image": images(4)}, step=0)
+    assert dair.objects.digits.num_prototypes == 10
     assert torch.equal(dair.objects.digits.prototypes(), dvaest.prototypes())
     frames = torch.rand(6, 1, 28, 28)  # the same classifier and per-class transforms
-    reading = dair.objects.digits(frames, sample=False)
+    reading = dair.objects.digits.read(frames)
     logits, params = dvaest.class_logits(frames)
-    assert torch.allclose(reading.logits, logits, atol=1e-5) and torch.allclose(reading.z, params, atol=1e-5)
+    assert torch.allclose(reading.logits, logits, atol=1e-5) and torch.allclose(reading.params, params, atol=1e-5)
     with pytest.raises(Exception, match="dvaest"):
         atomic_save(encoder_state(tiny("air"), "test"), tmp_path / "air.pt")
         tiny("dair", init_what_from=str(tmp_path / "air.pt")).train().loss({"image": images(4)}, step=0)

@@ -114,7 +114,7 @@ def test_prototypes_are_images(name):
 def test_transform_starts_at_identity():
     model = make("dvaest", num_classes=3).eval()
     x = torch.rand(4, *SHAPE)
-    params, _ = model.transform(x, model.hidden(x), deterministic=True)
+    params = model.transform(x, model.hidden(x), deterministic=True)[0]
     assert torch.all(params == 0)
     one_hot = torch.eye(model.num_prototypes)[torch.tensor([0, 1, 2, 1])]  # spares included
     rendered = model.render(one_hot, params)
@@ -214,6 +214,19 @@ def test_spare_prototype_is_pruned_at_split_until():
     assert (out.class_probs[:, 0].argmax(-1).numpy() == labels).all()
 
 
+def test_read_out_classes_follow_from_alive_and_old_checkpoints_load():
+    """``keep`` is not saved: it is alive's first num_classes; checkpoints that stored it still load."""
+    model = make("dvaest", num_classes=3, extra_classes=2)
+    with torch.no_grad():
+        model.alive[[1, 3]] = False
+    state = model.state_dict()
+    assert "keep" not in state and "alive" in state
+    fresh = make("dvaest", num_classes=3, extra_classes=2)
+    fresh.load_state_dict({**state, "keep": torch.tensor([0, 2, 4])})  # the format saved until 22 Nov 2026
+    assert fresh.keep.tolist() == [0, 2, 4]
+    assert torch.equal(fresh.prototypes(), model.bank.probs()[[0, 2, 4]])
+
+
 def test_bad_init_class_inference_or_extra_classes_is_refused():
     from perception.errors import PerceptionError
 
@@ -257,3 +270,15 @@ def test_bundled_checkpoint_classifies_held_out_digits():
     with torch.no_grad():
         pred = model(torch.from_numpy(test.float_images())).class_probs[:, 0].argmax(-1).numpy()
     assert clustering_accuracy(pred, test.labels[:, 0], 10) > 0.9  # model card: 93.50% (classifier)
+
+
+def test_sampled_transform_log_ratios_average_to_minus_the_kl():
+    """log p(z) - log q(z|x) at sampled transforms (DAIR's importance weights) is an unbiased
+    estimate of -KL(q || p)."""
+    model = make("dvaest", num_classes=2).eval()
+    with torch.no_grad():
+        model.to_transform[-1].bias.normal_(0.0, 0.3)  # a posterior away from the prior
+        x = torch.rand(2, *SHAPE).repeat(4000, 1, 1, 1)
+        _, kl, log_ratio = model.transform(x, model.hidden(x), deterministic=False)
+    assert torch.allclose(-log_ratio.view(4000, 2, -1).mean(0), kl[:2], rtol=0.05, atol=0.05)
+    assert not torch.allclose(log_ratio[:2], -kl[:2], rtol=0.05)  # single samples do vary

@@ -3,16 +3,17 @@
 Each glimpse AIR cuts out is re-centred on its centre of mass (MNIST digits are centred that way; AIR's boxes are ~1 px off, which costs a
 single-digit D-VAE-ST 5 points of class accuracy), the digit's frame is cut from it at
 ``frame_scale`` (the canonical scenes' 20 px digits are whole 28x28 MNIST frames resized) and a
-D-VAE-ST (:class:`~perception.nn.digit_reader.DigitReader`: classifier, 10 prototypes and a
-per-class affine + thickness transform) explains the frame. The canvas gets the argmax class'
-warped prototype pasted back (hard EM: a sampled class would write wrong digits early on and AIR
+D-VAE-ST (a :class:`~perception.models.dvaest.DVAEST` without spare prototypes: classifier, 10
+prototypes and a per-class affine + thickness transform) explains the frame
+(:meth:`~perception.models.dvae.DVAE.read`). The canvas gets the argmax class' warped prototype
+pasted back (hard EM: a sampled class would write wrong digits early on and AIR
 would switch objects off), so DAIR's ``neg_elbo`` uses the argmax class. Training adds the
 D-VAE-ST loss of every frame (``E_q[cost] + KL(q(c) || uniform)``, the class through
 ``class_estimator``), weighted by the probability that the step is on.
 
 The intended start is two unsupervised checkpoints: ``init_from`` an AIR (localisation: embedding,
 keypoints, LSTM, where and presence heads) and ``init_what_from`` a ``dvaest`` trained on single
-digits of the same training pool. Learning prototypes from scratch inside DAIR is what failed
+digits of the same training pool (its read-out classes: :meth:`~perception.models.dvae.DVAE.load_read_out`). Learning prototypes from scratch inside DAIR is what failed
 before (the thesis: 78.76% count accuracy, no useful prototypes; this repo's earlier object
 model of learned 20x20 prototypes with a frequency-sensitive class choice, since removed: 55%
 class accuracy, docs/results/multi_mnist.md), while a D-VAE-ST on isolated digits has
@@ -35,7 +36,8 @@ from torch import Tensor, nn
 from perception.contract import ModelLoss
 from perception.errors import CheckpointError, PerceptionError
 from perception.models.air import AIR, AIRConfig, ObjectCode
-from perception.nn.digit_reader import TRANSFORM_NAMES, DigitReader
+from perception.models.dvae import categorical_kl_uniform, mix
+from perception.models.dvaest import DVAEST, DVAESTConfig
 from perception.nn.glimpse import cut, paste
 
 
@@ -79,16 +81,17 @@ class DVAESTWhat(nn.Module):
 
     def __init__(self, channels: int, glimpse: int, cfg: DAIRConfig):
         super().__init__()
-        from perception.estimators import build_estimator
-
         self.num_classes = cfg.num_classes
         self.glimpse = glimpse
         self.frame_scale = cfg.frame_scale
         self.align_iters = cfg.align_iters
-        self.digits = DigitReader(cfg.num_classes, (channels, DVAEST_FRAME, DVAEST_FRAME))
-        self.estimator = build_estimator(cfg.class_estimator, "categorical", num_classes=cfg.num_classes, context_dim=self.digits.to_logits.in_features)
-        self.feature_names = [f"transform_{n}" for n in TRANSFORM_NAMES] + [f"class_{i}" for i in range(cfg.num_classes)]
-        self.feedback_dim = len(TRANSFORM_NAMES) + cfg.num_classes
+        # Exactly the classes read out (no spares); its estimator is the class estimator, and its
+        # prototypes train at DAIR's learning rate. Only its read() is used, never its training.
+        what = DVAESTConfig(num_classes=cfg.num_classes, estimator=cfg.class_estimator, extra_classes=0, prototype_lr=1.0)
+        self.digits = DVAEST(what, (channels, DVAEST_FRAME, DVAEST_FRAME))
+        names = self.digits.transform_names
+        self.feature_names = [f"transform_{n}" for n in names] + [f"class_{i}" for i in range(cfg.num_classes)]
+        self.feedback_dim = len(names) + cfg.num_classes
 
     def frame_centre(self, glimpse: Tensor) -> Tensor:
         """``[B, 2]`` centre of the digit's frame in glimpse units (fixed: no gradient)."""
@@ -112,32 +115,25 @@ class DVAESTWhat(nn.Module):
         frame, scale, centre = self.frames(glimpse)
         # Detached: the frame's D-VAE-ST cost would otherwise pull the glimpses to empty places,
         # which cost nothing (the localisation learns from the image likelihood only).
-        r = self.digits(frame.detach(), sample)
-        log_q = F.log_softmax(r.logits, -1)
-        choice = F.one_hot(r.logits.detach().argmax(-1), c).to(log_q.dtype)  # the canvas' class
+        r = self.digits.read(frame.detach(), deterministic=not sample)
+        choice = F.one_hot(r.logits.detach().argmax(-1), c).to(r.logits.dtype)  # the canvas' class
+        kl_class = categorical_kl_uniform(r.logits)
         aux = None
         if sample and self.training:  # trained like D-VAE-ST on the frames: E_q[cost] + KL(q || U)
-            est = self.estimator(r.logits, lambda y: (y * r.costs).sum(-1), context=r.hidden)
-            aux = est.surrogate + (log_q.exp() * log_q).sum(-1) + math.log(c)
-        digit = (choice[:, :, None, None, None] * r.placed).sum(1)
-        appearance = paste(digit, scale, centre, (self.glimpse, self.glimpse))
-        chosen = (choice.unsqueeze(-1) * r.z).sum(1)
-        kl = (log_q.exp() * (log_q + math.log(c))).sum(-1) + (choice * r.kl).sum(-1)
+            est = self.digits.estimator(r.logits, lambda y: (y * r.costs).sum(-1), context=r.hidden)
+            aux = est.surrogate + kl_class
+        appearance = paste(mix(choice, r.placed), scale, centre, (self.glimpse, self.glimpse))
+        chosen = (choice.unsqueeze(-1) * r.params).sum(1)
+        kl = kl_class + (choice * r.kl).sum(-1)
         features = torch.cat([chosen, choice], -1)
-        prior = self.digits.prior_std
-        ratio = (r.std.log() - prior.log() - 0.5 * (r.z / prior).pow(2) + 0.5 * ((r.z - r.mean) / r.std).pow(2)).sum(-1)
-        log_ratio = (choice * ratio).sum(-1) - math.log(c)  # class as a point mass on the argmax
-        return ObjectCode(features, kl, appearance, features, log_q.exp(), aux, log_ratio)
+        log_ratio = (choice * r.log_ratio).sum(-1) - math.log(c)  # class as a point mass on the argmax
+        return ObjectCode(features, kl, appearance, features, F.log_softmax(r.logits, -1).exp(), aux, log_ratio)
 
     def load(self, source: str) -> None:
         from perception import resolve_encoder_path
         from perception.train.checkpoint import read_checkpoint
 
-        state = read_checkpoint(resolve_encoder_path(source))
-        shape = [self.digits.prototype_logits.shape[1], DVAEST_FRAME, DVAEST_FRAME]
-        if state["model"] != "dvaest" or list(state["image_shape"]) != shape:
-            raise CheckpointError(f"init_what_from: {source} is not a dvaest checkpoint for images {shape}")
-        self.digits.load_dvaest(state, source)
+        self.digits.load_read_out(read_checkpoint(resolve_encoder_path(source)), f"init_what_from: {source}")
 
 
 class DAIR(AIR):
@@ -184,13 +180,13 @@ class DAIR(AIR):
         if self.config.init_from and not self.warm_started:
             self.load_localisation(self.config.init_from)
             self.warm_started.fill_(True)
-        digits = self.objects.digits
-        if self.config.init_what_from and not digits.seeded:
+        bank = self.objects.digits.bank
+        if self.config.init_what_from and not bank.seeded:
             self.objects.load(self.config.init_what_from)
-        if not digits.seeded:  # k-means++ on the frames of the first present glimpses
+        if not bank.seeded:  # k-means++ on the frames of the first present glimpses
             glimpses = self.present_glimpses(images)
             if len(glimpses) >= self.num_classes:
-                digits.seed(self.objects.frames(glimpses)[0])
+                bank.seed_kmeanspp(self.objects.frames(glimpses)[0])
 
     def present_glimpses(self, images: Tensor) -> Tensor:
         """``[M, C, g, g]`` glimpses of the objects the current model finds (deterministic)."""

@@ -26,8 +26,9 @@ benchmark can show their effect (docs/results/clustering.md):
   likelihood rates a second '2' style about as well as a separate '5' or '4', and removing the
   duplicate to split the merged cluster rarely pays; with spares, a split replaces a cheap
   spare or duplicate, and pruning the duplicates comes last. The read-out (``encode``, :meth:`DVAE.prototypes`)
-  covers only the ``num_classes`` survivors (buffer ``keep``), so the exported model has
-  exactly ``num_classes`` classes; the pruned rows stay in the checkpoint (a few KB).
+  covers only the ``num_classes`` survivors (``keep``, derived from the saved ``alive``), so the
+  exported model has exactly ``num_classes`` classes; the pruned rows stay in the checkpoint (a
+  few KB), and :meth:`DVAE.load_read_out` loads only the survivors into a model without spares.
 
 ``encode`` reads the class from the amortised classifier (``class_inference="classifier"``, the
 default: it exports to ONNX within tolerance and is what training optimises) or by enumerating
@@ -39,14 +40,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perception.contract import Encoder, EncoderOutput, ModelLoss
-from perception.errors import PerceptionError
+from perception.errors import CheckpointError, PerceptionError
 from perception.nn.blocks import conv_encoder
 from perception.nn.prototype_split import removal_costs, two_means
 
@@ -91,6 +92,19 @@ class DVAEConfig:
     class_inference: str = "classifier"
 
 
+class Reading(NamedTuple):
+    """Everything the model infers about a batch of images, for every prototype ``P`` (spares
+    included): what training, the split-and-merge moves and DAIR's object model use."""
+
+    hidden: Tensor  # [N, hidden] the classifier's features (an estimator's context)
+    logits: Tensor  # [N, P] amortised q(c|x) (pruned prototypes at DEAD_LOGIT)
+    params: Tensor  # [N, P, T] each prototype's transform (sampled, or the posterior mean)
+    kl: Tensor  # [N, P] KL(q(z_c|x) || p(z))
+    log_ratio: Tensor  # [N, P] log p(z_c) - log q(z_c|x) at params
+    placed: Tensor  # [N or 1, P, C, H, W] each prototype under its transform
+    costs: Tensor  # [N, P] -log p(x|c, z_c) + kl
+
+
 class PrototypeBank(nn.Module):
     """L learnable images stored as logits; the optimiser gives them their own learning rate."""
 
@@ -122,6 +136,12 @@ class PrototypeBank(nn.Module):
             dist = torch.minimum(dist, (flat - flat[chosen[-1]]).pow(2).sum(1))
         self.logits.copy_(soft_logits(images[chosen], images))
         self.seeded.fill_(True)
+
+
+def read_out_index(alive: Tensor, num_classes: int) -> Tensor:
+    """The prototypes read out, in order: the first ``num_classes`` alive ones (all are alive
+    until pruning leaves exactly ``num_classes``)."""
+    return alive.nonzero().squeeze(1)[:num_classes]
 
 
 def soft_logits(picked: Tensor, batch: Tensor) -> Tensor:
@@ -173,12 +193,11 @@ class DVAE(Encoder):
         self.to_logits = nn.Linear(config.hidden, total)
         self.bank = PrototypeBank(total, self.image_shape, config.prototype_lr)
         self.estimator = build_estimator(config.estimator, "categorical", num_classes=total, context_dim=config.hidden)
-        # alive: prototypes still trained (all until pruned); keep: the num_classes read out, in order
-        # (until pruned, the first num_classes: a model trained for fewer than split_until steps).
-        # Without spares nothing is ever pruned, so they follow from the config and are not saved.
-        spares = config.extra_classes > 0
-        self.register_buffer("alive", torch.ones(total, dtype=torch.bool), persistent=spares)
-        self.register_buffer("keep", torch.arange(config.num_classes), persistent=spares)
+        # alive: prototypes still trained (all until pruned); without spares nothing is ever
+        # pruned, so it follows from the config and is not saved. keep: the num_classes read out
+        # (read_out_index of alive), a buffer so that it follows the model's device.
+        self.register_buffer("alive", torch.ones(total, dtype=torch.bool), persistent=config.extra_classes > 0)
+        self.register_buffer("keep", read_out_index(self.alive, config.num_classes), persistent=False)
         self._probe: list[Tensor] = []  # recent training batches for split-and-merge (not saved)
         self.moves = 0  # accepted split-and-merge moves in this process
 
@@ -213,11 +232,11 @@ class DVAE(Encoder):
 
     def transform(
         self, images: Tensor, hidden: Tensor, deterministic: bool, step: int | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Per prototype: (transform params [N, P, T], their KL [N, P]); ``step`` is the training
-        step (None outside training)."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per prototype: (transform params [N, P, T], their KL [N, P], log p(z) - log q(z|x) at
+        the params [N, P]); ``step`` is the training step (None outside training)."""
         n, num = images.shape[0], self.num_prototypes
-        return images.new_zeros(n, num, 0), images.new_zeros(n, num)
+        return images.new_zeros(n, num, 0), images.new_zeros(n, num), images.new_zeros(n, num)
 
     def placed(self, params: Tensor) -> Tensor:
         """Every prototype (spares included) as it would appear in each image: ``[N or 1, P, C, H, W]``."""
@@ -260,11 +279,18 @@ class DVAE(Encoder):
         """Amortised q(c|x) logits ``[N, P]``; pruned prototypes get :data:`DEAD_LOGIT`."""
         return self.to_logits(hidden).masked_fill(~self.alive, DEAD_LOGIT)
 
+    def read(self, images: Tensor, deterministic: bool = True, step: int | None = None) -> Reading:
+        hidden = self.hidden(images)
+        params, kl_z, log_ratio = self.transform(images, hidden, deterministic, step)
+        placed = self.placed(params)
+        costs = self.costs(images, params, kl_z, placed)
+        return Reading(hidden, self.classifier_logits(hidden), params, kl_z, log_ratio, placed, costs)
+
     def read_logits(self, images: Tensor, deterministic: bool = True) -> tuple[Tensor, Tensor]:
         """(logits [N, P] as ``class_inference`` reads them, transform params [N, P, T]) for every
         prototype, spares included."""
         hidden = self.hidden(images)
-        params, kl_z = self.transform(images, hidden, deterministic)
+        params, kl_z, _ = self.transform(images, hidden, deterministic)
         if self.config.class_inference == "classifier":
             return self.to_logits(hidden), params
         return -self.costs(images, params, kl_z), params
@@ -304,8 +330,8 @@ class DVAE(Encoder):
         2-means of its members in ``s``'s frame into ``s`` and ``drop``, which inherits ``s``'s
         classifier and transform rows, so both start with half of ``s``'s images."""
         n, num = x.shape[0], self.num_prototypes
-        params, kl_z = self.transform(x, self.hidden(x), deterministic=True)
-        cost = self.costs(x, params, kl_z)
+        r = self.read(x)
+        params, kl_z, cost = r.params, r.kl, r.costs
         assign = cost.argmin(1)
         drop = int(removal_costs(cost).argmin())
 
@@ -358,8 +384,7 @@ class DVAE(Encoder):
     def prune(self, x: Tensor) -> list[int]:
         """Switch off the spare prototypes, one at a time the one whose removal raises the probe
         images' cost ``sum_n min_c C[n, c]`` least; returns the pruned indices."""
-        params, kl_z = self.transform(x, self.hidden(x), deterministic=True)
-        cost = self.costs(x, params, kl_z)
+        cost = self.read(x).costs
         alive, dropped = self.alive.clone(), []
         while int(alive.sum()) > self.num_classes:
             live = alive.nonzero().squeeze(1)
@@ -367,8 +392,45 @@ class DVAE(Encoder):
             alive[drop] = False
             dropped.append(drop)
         self.alive.copy_(alive)
-        self.keep.copy_(alive.nonzero().squeeze(1))
+        self.keep = read_out_index(alive, self.num_classes)
         return dropped
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        state_dict.pop(prefix + "keep", None)  # saved until 22 Nov 2026; it is derived from alive
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.keep = read_out_index(self.alive, self.num_classes)
+
+    @torch.no_grad()
+    def load_read_out(self, state: Mapping[str, Any], source: str) -> None:
+        """Load the ``num_classes`` read-out classes of a checkpoint ``state`` of this model
+        (trained with or without spares) into this model, which has none; the estimator's own
+        parameters are not loaded. DAIR reads its digits with a ``dvaest`` this way."""
+        cfg, weights = state["model_config"], state["state_dict"]
+        if state["model"] != self.name or list(state["image_shape"]) != list(self.image_shape):
+            raise CheckpointError(f"{source} is not a {self.name} checkpoint for images {list(self.image_shape)}")
+        if self.config.extra_classes:
+            raise PerceptionError(f"load_read_out needs a model without spares, this one has extra_classes={self.config.extra_classes}")
+        defaults = type(self.config)()
+        for field in ("num_classes", "prior_std", "thickness_std"):  # the weights' shapes do not show them all
+            theirs, ours = cfg.get(field, getattr(defaults, field, None)), getattr(self.config, field, None)
+            if theirs != ours:
+                raise CheckpointError(f"{source} has {field}={theirs}, expected {ours}")
+        alive = weights.get("alive")  # absent: trained without spares
+        total = self.num_classes if alive is None else len(alive)
+        keep = torch.arange(total) if alive is None else read_out_index(alive, self.num_classes)
+        rows = {id(p) for p in self.class_rows()} | {id(self.bank.logits)}
+        for name, target in self.state_dict(keep_vars=True).items():
+            if name.startswith("estimator."):
+                continue
+            if name not in weights:
+                raise CheckpointError(f"{source} has no {name}")
+            value = weights[name]
+            if id(target) in rows and value.shape[0] % total == 0:
+                value = value.reshape(total, -1, *value.shape[1:])[keep].flatten(0, 1)
+            if value.shape != target.shape:
+                raise CheckpointError(f"{source} has {name} of shape {list(weights[name].shape)}, expected {list(target.shape)}")
+            target.copy_(value)
+        self.bank.seeded.fill_(True)  # trained prototypes: no k-means++ seeding over them
 
     def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:
         x = batch["image"]
@@ -381,15 +443,13 @@ class DVAE(Encoder):
                 self.split_and_merge(torch.cat(self._probe))
             if step == cfg.split_until and bool(self.alive.all()) and cfg.extra_classes > 0:
                 self.prune(torch.cat(self._probe))
-        hidden = self.hidden(x)
-        logits = self.classifier_logits(hidden)
-        params, kl_z = self.transform(x, hidden, deterministic=False, step=step if self.training else None)
-        placed = self.placed(params)  # warped once; every class sample is a mixture of these
+        r = self.read(x, deterministic=False, step=step if self.training else None)  # warped once:
+        logits, kl_z = r.logits, r.kl  # every class sample below is a mixture of r.placed
 
         def nll_of(sample: Tensor) -> Tensor:  # -log p(x|c, z_c) + KL(q(z_c|x) || p(z))
-            return bernoulli_nll_probs(mix(sample, placed), x) + (sample * kl_z).sum(-1)
+            return bernoulli_nll_probs(mix(sample, r.placed), x) + (sample * kl_z).sum(-1)
 
-        est = self.estimator(logits, nll_of, context=hidden.detach())
+        est = self.estimator(logits, nll_of, context=r.hidden.detach())
         live = logits[:, self.alive]  # pruned classes have q = 0: KL and usage over the live ones
         kl_c = categorical_kl_uniform(live)
         loss = est.surrogate.mean() + kl_c.mean()
@@ -401,7 +461,7 @@ class DVAE(Encoder):
 
         with torch.no_grad():  # exact expectation over classes for the reported ELBO
             q = logits.softmax(-1)
-            expected_nll = (q * (self.costs(x, params, kl_z, placed.detach()) - kl_z)).sum(-1)
+            expected_nll = (q * (r.costs - kl_z)).sum(-1)
             kl = kl_c + (q * kl_z).sum(-1)
         metrics = {
             "neg_elbo": (expected_nll + kl).mean().item(),

@@ -8,10 +8,11 @@ one image with both its '1' and its '7' hypothesis, and then the class compariso
 misaligned prototypes (the idea of transformation-invariant clustering). The network's last
 layer is zero-initialised, so every image starts at the identity transform with a small
 posterior spread; the prior is N(0, prior_std^2) per affine parameter (thickness:
-N(0, thickness_std^2)), centred on the identity. Each prototype is warped like
-:func:`~perception.nn.spatial_transformer.warp`, so it only has to explain a digit's shape, not
-its position, size, slant or stroke width. The contract position is the chosen class's
-translation: where the prototype's centre lands.
+N(0, thickness_std^2)), centred on the identity. Each prototype is warped by
+:func:`~perception.nn.glimpse.warp_affine` (``spatial_transformer.warp`` without its matrix
+inverse op, so that DAIR, which draws warped prototypes, exports to ONNX), so it only has to
+explain a digit's shape, not its position, size, slant or stroke width. The contract position
+is the chosen class's translation: where the prototype's centre lands.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from perception.models.dvae import PROB_EPS, DVAE, DVAEConfig
-from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params, crop, warp
+from perception.nn.glimpse import warp_affine
+from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params, crop
 
 INITIAL_LOGVAR = -6.0  # posterior std ~0.05 at the start: near-deterministic identity warps
 
@@ -63,22 +65,23 @@ class DVAEST(DVAE):
 
     def transform(
         self, images: Tensor, hidden: Tensor, deterministic: bool, step: int | None = None
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         n, num, d = images.shape[0], self.num_prototypes, len(self.transform_names)
         if step is not None and step < self.config.align_after:
-            return images.new_zeros(n, num, d), images.new_zeros(n, num)
+            return images.new_zeros(n, num, d), images.new_zeros(n, num), images.new_zeros(n, num)
         out = self.to_transform(hidden).view(n, num, 2, d)
         mu, logvar = out[:, :, 0], out[:, :, 1].clamp(-12.0, 4.0)
         z = mu if deterministic else mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         stds = [self.config.prior_std] * len(PARAM_NAMES) + [self.config.thickness_std] * (d - len(PARAM_NAMES))
         log_var_p = 2.0 * torch.log(torch.tensor(stds, dtype=mu.dtype, device=mu.device))
         kl = 0.5 * ((mu.pow(2) + logvar.exp()) / log_var_p.exp() - 1.0 - logvar + log_var_p).sum(-1)
-        return z, kl
+        log_ratio = 0.5 * ((z - mu).pow(2) / logvar.exp() + logvar - z.pow(2) / log_var_p.exp() - log_var_p).sum(-1)
+        return z, kl, log_ratio
 
     def apply(self, objects: Tensor, params: Tensor) -> Tensor:
         """Warp ``objects`` ``[M, C, H, W]`` by ``params`` ``[M, T]`` and shift their logits by the
         thickness (when the model has one)."""
-        warped = warp(objects, affine_from_params(params[:, : len(PARAM_NAMES)]))
+        warped = warp_affine(objects, affine_from_params(params[:, : len(PARAM_NAMES)]))
         if params.shape[-1] == len(PARAM_NAMES):
             return warped
         logits = torch.logit(warped.clamp(PROB_EPS, 1.0 - PROB_EPS)) + params[:, -1, None, None, None]
