@@ -70,6 +70,18 @@ def test_stick_breaking_masks_sum_to_one_even_for_extreme_attention():
     assert masks[:, 0].min() > 0.99
 
 
+def test_monet_background_is_the_largest_slot_not_always_slot_0():
+    x = images("tetris", 2)
+    model = tiny("monet", tuple(x.shape[1:])).eval()
+    masks = torch.full((2, 4, 35, 35), 0.01)
+    masks[:, 0, :5] = 0.97  # slot 0 holds a small "object", slot 2 the rest of the image
+    masks[:, 2, 5:] = 0.97
+    model.attend = lambda images: masks.log()
+    with torch.no_grad():
+        out = model.encode(x)
+    assert out.presence[:, 2].eq(0).all() and out.presence[:, 0].eq(1).all()
+
+
 def test_iodine_slots_and_iterations_can_change_at_test_time():
     x = images("tetris", 2)
     model = tiny("iodine", tuple(x.shape[1:])).eval()

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost", action="store_true", help="measure training-step cost instead of training")
     p.add_argument("--out", default="bench_results/segmentation")
     p.add_argument("--runs-dir", help="where run directories go (default OUT/runs)")
+    p.add_argument(
+        "--continue-from", metavar="RUNS_DIR",
+        help="second training stage: start each seed from the same variant's checkpoint in RUNS_DIR, "
+        "with this command's model options and --lr, up to --steps in total",
+    )
     return p
 
 
@@ -125,11 +130,33 @@ def run_seed(args: argparse.Namespace, seed: int, run_dir: Path, png: Path) -> d
         checkpoint_every=max(1, args.steps // 4), log_every=max(1, args.steps // 50), image_every=0,
         model_options=model_options(args),
     )
+    if args.continue_from:
+        fork_run(Path(args.continue_from) / run_dir.name, run_dir, cfg)
     start = time.perf_counter()
-    train(cfg, run_dir, progress=False)
+    train(cfg, run_dir, resume=bool(args.continue_from), progress=False)
     result = score_run(cfg, run_dir, args.eval_size, png)
     result.update(seed=seed, train_seconds=time.perf_counter() - start, steps=args.steps)
     return result
+
+
+def fork_run(source: Path, run_dir: Path, cfg: TrainConfig) -> None:
+    """Seed ``run_dir`` with ``source``'s training checkpoint (weights, Adam moments, step, RNG
+    states) under ``cfg``, so that the trainer's resume continues it with other options and
+    learning rate; ``source`` is left as it was."""
+    from perception.errors import OutputExistsError, PerceptionError
+    from perception.train.checkpoint import atomic_save, read_checkpoint
+    from perception.train.loop import write_json
+
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise OutputExistsError(f"output directory {run_dir} is not empty; choose another --runs-dir")
+    state = read_checkpoint(source / "checkpoint.pt")
+    if state["step"] >= cfg.steps:
+        raise PerceptionError(f"--steps {cfg.steps} must exceed the {state['step']} steps already run in {source}")
+    for group in state["optimizer"]["param_groups"]:
+        group["lr"] = cfg.lr
+    state["train_config"] = cfg.to_dict()
+    atomic_save(state, run_dir / "checkpoint.pt")
+    write_json(cfg.to_dict(), run_dir / "config.json")
 
 
 def score_run(cfg: TrainConfig, run_dir: Path, eval_size: int, png: Path) -> dict[str, Any]:

@@ -244,11 +244,10 @@ class IODINE(Encoder):
             # refinement network's stop-gradient inputs, so autograd need not record it.
             with torch.set_grad_enabled(torch.is_grad_enabled() and step > 0):
                 means, logits, cache = self.decode(z)
-                if step == 0:
-                    means, logits = means.expand(n, -1, -1, -1, -1), logits.expand(n, -1, -1, -1)
-                terms = mixture_terms(x, means, logits, self.config.sigma)
-            if step == 0:
+            if step == 0:  # a deterministic first decode ran once for the batch: broadcast it
+                means, logits = means.expand(n, -1, -1, -1, -1), logits.expand(n, -1, -1, -1)
                 z, mu, logvar, eps = (v.expand(n, -1, -1) for v in (z, mu, logvar, eps))
+            terms = mixture_terms(x, means, logits, self.config.sigma)
             yield z, mu, logvar, means, logits, terms
             if step == iterations:
                 return

@@ -11,7 +11,8 @@ NLL with the attention masks as weights (slot 0 is the background with ``sigma_b
 describe the segmentation.
 
 Contract: slots = posterior means ``z_k``; masks = attention masks; presence and position from
-the masks (:func:`masks_to_contract`); slot 0 is the background, never present.
+the masks (:func:`masks_to_contract`); the slot with the largest mask area is the background,
+never present (usually slot 0, which has ``sigma_bg``, but not always).
 """
 
 from __future__ import annotations
@@ -139,8 +140,9 @@ class MONet(Encoder):
         mu, logvar = self.posterior(images, log_masks)
         z = mu if deterministic else mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         masks = log_masks.exp()
-        background = torch.zeros_like(masks[:, :, 0, 0], dtype=torch.bool)
-        background[:, 0] = True
+        # Slot 0 (sigma_bg) is meant to take the background, but training may hand it to another
+        # slot (the first Tetris checkpoint's slot 3 took it): the background is the largest slot.
+        background = F.one_hot(masks.mean(dim=(2, 3)).argmax(dim=1), masks.shape[1]).bool()
         presence, position = masks_to_contract(masks, background, self.config.presence_min_area)
         return EncoderOutput(slots=z, presence=presence, position=position, masks=masks)
 
