@@ -7,6 +7,7 @@ import torch
 
 from perception.contract import unit_to_pixels
 from perception.data import make_dataset
+from perception.errors import PerceptionError
 from perception.models import build_model
 from perception.models.air import AIR
 from perception.nn.glimpse import cut, paste, warp_affine
@@ -223,3 +224,13 @@ def test_dair_centres_the_digit_frame_on_the_glimpse_content(offset):
     glimpse[0, 0] = ((xs - offset[0]).abs() < 0.2) & ((ys - offset[1]).abs() < 0.3)  # an off-centre bar
     _, _, centre = model.objects.frames(glimpse)
     assert torch.allclose(centre[0], torch.tensor(offset), atol=0.03)
+
+
+def test_exploration_decays_to_its_floor_and_stays():
+    """Every prefix keeps being fitted after the decay: without the floor step 0 could turn
+    into a dud that never recovers (docs/results/multi_mnist.md)."""
+    model = tiny("air", explore=0.5, explore_steps=100, explore_floor=0.4)
+    assert [model.explore_weight(s) for s in (0, 50, 100, 10_000)] == pytest.approx([0.5, 0.25, 0.2, 0.2])
+    assert tiny("air", explore=0.0).explore_weight(10_000) == 0.0  # the old recipe stays off
+    with pytest.raises(PerceptionError, match="explore_floor"):
+        tiny("air", explore_floor=1.5)
