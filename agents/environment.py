@@ -101,12 +101,10 @@ def make_env(source: ObservationSource, num_envs: int | None = None) -> gym.Env 
     wrap: dict[str, Any] = {}
     if source.uses_encoder:
         names, ks = zip(*source.members)
-        backends = source.resolved_backends()
-        one = len(names) == 1  # a single encoder, else a fusion
         wrap = {
-            "encoder": names[0] if one else list(names),
-            "backend": backends[0] if one else backends,
-            "max_objects": ks[0] if one else list(ks),
+            "encoder": list(names),  # one name is one encoder, several a fusion (envs.encoders.make_backend)
+            "backend": source.resolved_backends(),
+            "max_objects": list(ks),
             "representation": source.representation,
         }
     if num_envs is None:

@@ -28,12 +28,14 @@ from typing import Any
 import numpy as np
 
 from agents.environment import ObservationSource, make_env
+from envs.encoders import nearest_present
+from envs.scene import CANVAS
+from perception.contract import unit_to_pixels
 from perception.errors import PerceptionError
 from perception.train.loop import json_safe
 
 AGENT_PX = 4.0
 DIGIT_PX = 6.0
-CANVAS = 64
 PAIRS = ((0, 1), (0, 2), (1, 2))
 MIN_SCENES = 30  # matched scenes needed to fit the probes
 PROBE_ENVS = {"collect": "MultiMNIST-Collect-v0", "oddoneout": "MultiMNIST-OddOneOut-v0"}
@@ -46,7 +48,7 @@ def _encode(converter: Any, frames: np.ndarray, batch: int = 256) -> dict[str, n
 
 def _slot_pixels(obs: dict[str, np.ndarray]) -> np.ndarray:
     """Slot positions (the rows' last two columns) in pixel units."""
-    return (obs["slots"][..., -2:] + 1.0) * CANVAS / 2
+    return unit_to_pixels(obs["slots"][..., -2:], CANVAS)
 
 
 def _collect_frames(episodes: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -101,10 +103,8 @@ def _oddoneout_rows(converter: Any, scenes: int) -> tuple[np.ndarray, np.ndarray
         labels.append(info["labels"])
     obs = _encode(converter, np.stack(frames))
     xy = _slot_pixels(obs)
-    dist = np.linalg.norm(np.array(centres)[:, :, None] - xy[:, None], axis=-1)  # [S, 3 digits, K]
-    dist[np.broadcast_to(obs["mask"][:, None] <= 0.5, dist.shape)] = np.inf
-    nearest = dist.argmin(-1)
-    ok = (np.take_along_axis(dist, nearest[..., None], -1)[..., 0] < DIGIT_PX).all(1)
+    nearest, dist = nearest_present(np.array(centres), xy, obs["mask"])  # [S, 3 digits]
+    ok = (dist < DIGIT_PX).all(1)
     ok &= np.array([len(set(row)) == 3 for row in nearest])
     rows = np.take_along_axis(obs["slots"], nearest[..., None], 1)
     return rows[ok], np.array(labels)[ok], ok

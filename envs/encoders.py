@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from perception.errors import PerceptionError
+from perception.metrics import PRESENCE_THRESHOLD
 
 BACKENDS = ("onnx", "torch")
 
@@ -112,6 +113,16 @@ def _check_max_objects(backend: TorchBackend | OnnxBackend, max_objects: int | N
 MATCH_RADIUS = 0.25  # contract units: 8 px on a 64 px canvas, well under the 20 px between digit centres
 
 
+def nearest_present(points: np.ndarray, slot_xy: np.ndarray, presence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For points ``[N, Q, 2]``, the nearest slot of ``slot_xy`` ``[N, K, 2]`` whose presence
+    ``[N, K]`` exceeds ``PRESENCE_THRESHOLD``: its index ``[N, Q]`` and distance ``[N, Q]`` (inf
+    where no slot is present)."""
+    dist = np.linalg.norm(points[:, :, None] - slot_xy[:, None], axis=-1)  # [N, Q, K]
+    dist[np.broadcast_to(presence[:, None] <= PRESENCE_THRESHOLD, dist.shape)] = np.inf
+    index = dist.argmin(-1)
+    return index, np.take_along_axis(dist, index[..., None], -1)[..., 0]
+
+
 class FusedBackend(_Shared):
     """Several frozen encoders as one set of objects: the first encoder's slots are the rows
     (its presence and position are the objects'); every later encoder appends to each row the
@@ -135,10 +146,8 @@ class FusedBackend(_Shared):
         first, *others = (m(images, check_range) for m in self.members)
         parts = [first["slots"]]
         for out in others:
-            dist = np.linalg.norm(first["position"][:, :, None] - out["position"][:, None], axis=-1)  # [N, K, J]
-            dist[np.broadcast_to(out["presence"][:, None] <= 0.5, dist.shape)] = np.inf
-            nearest = dist.argmin(-1)
-            matched = np.take_along_axis(dist, nearest[..., None], -1) < MATCH_RADIUS  # [N, K, 1]
+            nearest, dist = nearest_present(first["position"], out["position"], out["presence"])
+            matched = (dist < MATCH_RADIUS)[..., None]  # [N, K, 1]
             parts += [np.take_along_axis(out["slots"], nearest[..., None], 1) * matched, matched]
         return {
             "slots": np.concatenate(parts, -1, dtype=np.float32),
@@ -158,6 +167,8 @@ def make_backend(encoder: Any, backend: Any = "onnx", max_objects: Any = None):
     """An encoder backend; an already-built backend is passed through (shared between wrappers).
     A list or tuple of encoders gives their :class:`FusedBackend`; ``backend`` and
     ``max_objects`` are then one value for all or a sequence with one per encoder."""
+    if isinstance(encoder, (list, tuple)) and len(encoder) == 1:  # one encoder is not a fusion
+        return make_backend(encoder[0], _per_member(backend, 1)[0], _per_member(max_objects, 1)[0])
     if isinstance(encoder, (list, tuple)):
         n = len(encoder)
         return FusedBackend(

@@ -28,6 +28,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
 from envs.encoders import make_backend
+from perception.metrics import PRESENCE_THRESHOLD
 from perception.errors import InputError, PerceptionError
 
 SLOT_BOUND = 10.0
@@ -92,7 +93,7 @@ class SlotConverter:
         slots = np.concatenate([features, out["position"]], axis=-1, dtype=np.float32)
         np.minimum(slots, self.bound, out=slots)  # two ufunc calls: np.clip costs more per call
         np.maximum(slots, -self.bound, out=slots)
-        return {"slots": slots, "mask": np.greater(out["presence"], 0.5).astype(np.float32)}
+        return {"slots": slots, "mask": np.greater(out["presence"], PRESENCE_THRESHOLD).astype(np.float32)}
 
 
 class ObjectSlots(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
