@@ -10,7 +10,7 @@ the negative ELBO split into NLL and KL, and a PNG of the learned prototypes. Se
 Example::
 
     python -m perception.bench clustering --dataset mnist --model dvaest --estimator exact \\
-        --seeds 5 --steps 2400 --clusters 10 11 12
+        --seeds 5 --steps 3600 --clusters 10 11 12
 """
 
 from __future__ import annotations

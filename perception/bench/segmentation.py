@@ -152,8 +152,9 @@ def fork_run(source: Path, run_dir: Path, cfg: TrainConfig) -> None:
     state = read_checkpoint(source / "checkpoint.pt")
     if state["step"] >= cfg.steps:
         raise PerceptionError(f"--steps {cfg.steps} must exceed the {state['step']} steps already run in {source}")
+    ratio = cfg.lr / state["train_config"]["lr"]  # groups with their own rate (e.g. an estimator's) keep it relative
     for group in state["optimizer"]["param_groups"]:
-        group["lr"] = cfg.lr
+        group["lr"] *= ratio
     state["train_config"] = cfg.to_dict()
     atomic_save(state, run_dir / "checkpoint.pt")
     write_json(cfg.to_dict(), run_dir / "config.json")

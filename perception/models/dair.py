@@ -115,12 +115,14 @@ class DVAESTWhat(nn.Module):
         frame, scale, centre = self.frames(glimpse)
         # Detached: the frame's D-VAE-ST cost would otherwise pull the glimpses to empty places,
         # which cost nothing (the localisation learns from the image likelihood only).
-        r = self.digits.read(frame.detach(), deterministic=not sample)
+        frame = frame.detach()
+        r = self.digits.read(frame, deterministic=not sample)
         choice = F.one_hot(r.logits.detach().argmax(-1), c).to(r.logits.dtype)  # the canvas' class
         kl_class = categorical_kl_uniform(r.logits)
         aux = None
         if sample and self.training:  # trained like D-VAE-ST on the frames: E_q[cost] + KL(q || U)
-            est = self.digits.estimator(r.logits, lambda y: (y * r.costs).sum(-1), context=r.hidden)
+            costs = self.digits.costs(frame, r.params, r.kl, r.placed)
+            est = self.digits.estimator(r.logits, lambda y: (y * costs).sum(-1), context=r.hidden)
             aux = est.surrogate + kl_class
         appearance = paste(mix(choice, r.placed), scale, centre, (self.glimpse, self.glimpse))
         chosen = (choice.unsqueeze(-1) * r.params).sum(1)

@@ -75,7 +75,7 @@ class DVAEConfig:
     # split of another cluster; kept only if the probe batch's cost falls by split_min_gain nats
     # per image. The probe is the last probe_batches training batches.
     split_every: int = 100  # 0: never
-    split_until: int = 1600  # the benchmark trains 2400 steps: the last third is plain ELBO
+    split_until: int = 1600  # the benchmark trains 3600 steps: the last 2000 are plain ELBO
     # Spare prototypes trained until split_until, then pruned to num_classes (module docstring).
     extra_classes: int = 2
     split_min_gain: float = 0.5
@@ -102,7 +102,8 @@ class Reading(NamedTuple):
     kl: Tensor  # [N, P] KL(q(z_c|x) || p(z))
     log_ratio: Tensor  # [N, P] log p(z_c) - log q(z_c|x) at params
     placed: Tensor  # [N or 1, P, C, H, W] each prototype under its transform
-    costs: Tensor  # [N, P] -log p(x|c, z_c) + kl
+    # Per-class costs are not part of it: encode/eval never need them and training needs them
+    # only without gradient (or, in DAIR, only when training); ``DVAE.costs(images, r.params, r.kl, r.placed)``.
 
 
 class PrototypeBank(nn.Module):
@@ -282,9 +283,7 @@ class DVAE(Encoder):
     def read(self, images: Tensor, deterministic: bool = True, step: int | None = None) -> Reading:
         hidden = self.hidden(images)
         params, kl_z, log_ratio = self.transform(images, hidden, deterministic, step)
-        placed = self.placed(params)
-        costs = self.costs(images, params, kl_z, placed)
-        return Reading(hidden, self.classifier_logits(hidden), params, kl_z, log_ratio, placed, costs)
+        return Reading(hidden, self.classifier_logits(hidden), params, kl_z, log_ratio, self.placed(params))
 
     def read_logits(self, images: Tensor, deterministic: bool = True) -> tuple[Tensor, Tensor]:
         """(logits [N, P] as ``class_inference`` reads them, transform params [N, P, T]) for every
@@ -331,7 +330,8 @@ class DVAE(Encoder):
         classifier and transform rows, so both start with half of ``s``'s images."""
         n, num = x.shape[0], self.num_prototypes
         r = self.read(x)
-        params, kl_z, cost = r.params, r.kl, r.costs
+        params, kl_z = r.params, r.kl
+        cost = self.costs(x, params, kl_z, r.placed)
         assign = cost.argmin(1)
         drop = int(removal_costs(cost).argmin())
 
@@ -384,7 +384,8 @@ class DVAE(Encoder):
     def prune(self, x: Tensor) -> list[int]:
         """Switch off the spare prototypes, one at a time the one whose removal raises the probe
         images' cost ``sum_n min_c C[n, c]`` least; returns the pruned indices."""
-        cost = self.read(x).costs
+        r = self.read(x)
+        cost = self.costs(x, r.params, r.kl, r.placed)
         alive, dropped = self.alive.clone(), []
         while int(alive.sum()) > self.num_classes:
             live = alive.nonzero().squeeze(1)
@@ -461,7 +462,7 @@ class DVAE(Encoder):
 
         with torch.no_grad():  # exact expectation over classes for the reported ELBO
             q = logits.softmax(-1)
-            expected_nll = (q * (r.costs - kl_z)).sum(-1)
+            expected_nll = (q * (self.costs(x, r.params, kl_z, r.placed) - kl_z)).sum(-1)
             kl = kl_c + (q * kl_z).sum(-1)
         metrics = {
             "neg_elbo": (expected_nll + kl).mean().item(),
