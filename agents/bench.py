@@ -78,6 +78,8 @@ def run_one(args: argparse.Namespace, out: Path, env: str, encoder: str, seed: i
 def run_learning(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import ray
 
+    for env, encoder in itertools.product(args.envs, args.encoders):  # a bad name fails before any run trains
+        ObservationSource(_env_id(env), encoder, args.backend, args.representation, args.env_kwargs)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     grid = itertools.product(args.envs, args.encoders, range(args.seeds))
     try:
