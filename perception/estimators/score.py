@@ -89,7 +89,7 @@ class NVIL(_ScoreFunction):
         baseline = self.baseline(context, logits.shape[0])
         centred = cost - baseline.detach()
         moments = self.moments
-        if self.training and not moments.seen:
+        if self.training and not moments.started():
             moments.update(centred)
         signal = (centred - moments.mean) / moments.var.sqrt().clamp(min=1.0)
         if self.training:
