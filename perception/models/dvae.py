@@ -406,31 +406,28 @@ class DVAE(Encoder):
         """Load the ``num_classes`` read-out classes of a checkpoint ``state`` of this model
         (trained with or without spares) into this model, which has none; the estimator's own
         parameters are not loaded. DAIR reads its digits with a ``dvaest`` this way."""
-        cfg, weights = state["model_config"], state["state_dict"]
-        if state["model"] != self.name or list(state["image_shape"]) != list(self.image_shape):
+        from perception.train.checkpoint import encoder_from_state
+
+        if state.get("model") != self.name or list(state.get("image_shape", ())) != list(self.image_shape):
             raise CheckpointError(f"{source} is not a {self.name} checkpoint for images {list(self.image_shape)}")
         if self.config.extra_classes:
             raise PerceptionError(f"load_read_out needs a model without spares, this one has extra_classes={self.config.extra_classes}")
-        defaults = type(self.config)()
+        trained = encoder_from_state(dict(state), source)  # the spares' model; its keep follows from its alive
         for field in ("num_classes", "prior_std", "thickness_std"):  # the weights' shapes do not show them all
-            theirs, ours = cfg.get(field, getattr(defaults, field, None)), getattr(self.config, field, None)
+            theirs, ours = getattr(trained.config, field, None), getattr(self.config, field, None)
             if theirs != ours:
                 raise CheckpointError(f"{source} has {field}={theirs}, expected {ours}")
-        alive = weights.get("alive")  # absent: trained without spares
-        total = self.num_classes if alive is None else len(alive)
-        keep = torch.arange(total) if alive is None else read_out_index(alive, self.num_classes)
         rows = {id(p) for p in self.class_rows()} | {id(self.bank.logits)}
+        weights = trained.state_dict(keep_vars=True)
         for name, target in self.state_dict(keep_vars=True).items():
             if name.startswith("estimator."):
                 continue
-            if name not in weights:
-                raise CheckpointError(f"{source} has no {name}")
             value = weights[name]
-            if id(target) in rows and value.shape[0] % total == 0:
-                value = value.reshape(total, -1, *value.shape[1:])[keep].flatten(0, 1)
-            if value.shape != target.shape:
+            if id(target) in rows:  # one row per prototype: the read-out ones, in keep's order
+                value = value.view(trained.num_prototypes, -1)[trained.keep]
+            if value.numel() != target.numel():
                 raise CheckpointError(f"{source} has {name} of shape {list(weights[name].shape)}, expected {list(target.shape)}")
-            target.copy_(value)
+            target.copy_(value.view_as(target))
         self.bank.seeded.fill_(True)  # trained prototypes: no k-means++ seeding over them
 
     def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:
