@@ -33,7 +33,7 @@ import numpy as np
 
 from perception.train.loop import json_safe
 
-from agents.environment import ObservationSource
+from agents.environment import ObservationSource, encoder_tag
 from agents.train import PPOSettings, RunConfig, train
 from perception.errors import PerceptionError
 
@@ -45,16 +45,11 @@ def _env_id(name: str) -> str:
     return SHORT_NAMES.get(name, name)
 
 
-def _tag(encoder: str) -> str:
-    """A short name for run directories and plots: file stems, ``+`` between fused encoders."""
-    return "+".join(Path(e).stem if e.endswith((".pt", ".onnx")) else Path(e).name for e in encoder.split("+"))
-
-
 def run_one(args: argparse.Namespace, out: Path, env: str, encoder: str, seed: int) -> dict[str, Any]:
     """Train (or resume) one run; a failed run is a result too: recorded with its error."""
     source = ObservationSource(_env_id(env), encoder, args.backend, args.representation, args.env_kwargs)
     prototypes = "-prototypes" if args.representation == "prototypes" and source.uses_encoder else ""
-    run_dir = out / "runs" / f"{env}-{_tag(encoder)}{prototypes}-s{seed}"
+    run_dir = out / "runs" / f"{env}-{encoder_tag(encoder)}{prototypes}-s{seed}"
     run = RunConfig(source, args.timesteps, seed, PPOSettings(num_envs=args.num_envs))
     record: dict[str, Any] = {"env": env, "encoder": encoder, "seed": seed, "dir": str(run_dir)}
     try:
@@ -127,7 +122,8 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> None:
         for i, encoder in enumerate(dict.fromkeys(r["encoder"] for r in runs if r["env"] == env)):
             for j, r in enumerate(r for r in runs if r["env"] == env and r["encoder"] == encoder and "curve" in r):
                 curve = np.array(r["curve"], dtype=float)
-                ax.plot(curve[:, 0], curve[:, 1], color=f"C{i}", alpha=0.8, label=_tag(encoder) if j == 0 else None)
+                label = encoder_tag(encoder) if j == 0 else None
+                ax.plot(curve[:, 0], curve[:, 1], color=f"C{i}", alpha=0.8, label=label)
         ax.set(xlabel="env steps", ylabel="mean episode return per iteration", title=env)
         ax.legend()
         fig.tight_layout()
@@ -140,7 +136,7 @@ def _onnx_file(encoder: str, out: Path) -> str:
         return encoder  # an ONNX file or a bundled name
     from export import export_onnx
 
-    target = out / "onnx" / f"{_tag(encoder)}.onnx"
+    target = out / "onnx" / f"{encoder_tag(encoder)}.onnx"
     export_onnx(encoder, target, overwrite=True)
     return str(target)
 

@@ -6,6 +6,8 @@ agent on its slots). ``NAME@K`` sets the encoder's number of slots K where the m
 it (AIR, LAVAE: Collect's agent sprite is a fourth object in scenes the bundled encoders were
 trained on with 3 digits). Encoders joined by ``+`` (``lavae@4+air``) are fused by position: the
 first one's slots are the objects, the others add their features (:class:`envs.encoders.FusedBackend`).
+``NAME:prototypes`` (or ``:slots``) sets one encoder's representation, overriding
+``representation`` (``lavae@4+dair:prototypes``: LAVAE's objects with DAIR's class one-hot).
 
 Batched encoding inside RLlib: the creator is registered with ``ray.tune.register_env`` and
 the algorithm is configured with ``gym_env_vectorize_mode="vector_entry_point"``. RLlib's
@@ -25,22 +27,38 @@ from typing import Any
 import gymnasium as gym
 
 import envs
-from envs.encoders import BACKENDS
+from envs.encoders import BACKENDS, REPRESENTATIONS
+from envs.object_slots import SlotConverter
 from perception.errors import PerceptionError
 
 RLLIB_ENV_NAME = "perception-agents-env"
 SOURCES_WITHOUT_ENCODER = ("pixels", "oracle")
 
 
-def parse_encoder_spec(spec: str) -> list[tuple[str, int | None]]:
-    """``NAME[@K][+NAME[@K]...]`` -> ``(encoder, K or None)`` per encoder."""
+def parse_encoder_spec(spec: str) -> list[tuple[str, int | None, str | None]]:
+    """``NAME[@K][:REPRESENTATION][+...]`` -> ``(encoder, K or None, representation or None)`` per encoder."""
     members = []
     for part in spec.split("+"):
-        name, _, k = part.partition("@")
+        head, colon, rep = part.rpartition(":")
+        if not colon or rep not in REPRESENTATIONS:  # a colon that is not a representation belongs to the name
+            head, rep = part, ""
+        name, _, k = head.partition("@")
         if not name or (k and not k.isdigit()) or k == "0":
-            raise PerceptionError(f"encoder '{part}': expected NAME or NAME@K with K >= 1 (e.g. lavae@4)")
-        members.append((name, int(k) if k else None))
+            raise PerceptionError(
+                f"encoder '{part}': expected NAME, NAME@K with K >= 1 (e.g. lavae@4) or NAME[@K]:slots|prototypes"
+            )
+        members.append((name, int(k) if k else None, rep or None))
     return members
+
+
+def encoder_tag(spec: str) -> str:
+    """A short name for run directories and plots: file stems, ``+`` between fused encoders,
+    ``-prototypes`` after an encoder given that representation (a colon makes a poor path)."""
+    parts = []
+    for name, k, rep in parse_encoder_spec(spec):
+        stem = Path(name).stem if name.endswith((".pt", ".onnx")) else Path(name).name
+        parts.append(stem + (f"@{k}" if k else "") + (f"-{rep}" if rep else ""))
+    return "+".join(parts)
 
 
 @dataclass
@@ -68,7 +86,7 @@ class ObservationSource:
         return self.encoder not in SOURCES_WITHOUT_ENCODER
 
     @property
-    def members(self) -> list[tuple[str, int | None]]:
+    def members(self) -> list[tuple[str, int | None, str | None]]:
         return parse_encoder_spec(self.encoder)
 
     def resolved_backends(self) -> list[str]:
@@ -76,7 +94,7 @@ class ObservationSource:
         its K is changed (a bundled ONNX graph's K is fixed), else torch."""
         if self.backend != "auto":
             return [self.backend] * len(self.members)
-        return ["onnx" if k is None and _has_onnx(name) else "torch" for name, k in self.members]
+        return ["onnx" if k is None and _has_onnx(name) else "torch" for name, k, _ in self.members]
 
     def as_config(self) -> dict[str, Any]:
         return {
@@ -96,21 +114,30 @@ def _has_onnx(encoder: str) -> bool:
     return not Path(encoder).exists() and bundled_path(encoder, ".onnx") is not None
 
 
+def _wrapper_kwargs(source: ObservationSource) -> dict[str, Any]:
+    names, ks, reps = zip(*source.members)
+    return {
+        "encoder": list(names),  # one name is one encoder, several a fusion (envs.encoders.make_backend)
+        "backend": source.resolved_backends(),
+        "max_objects": list(ks),
+        "representation": [rep or source.representation for rep in reps],
+    }
+
+
 def make_env(source: ObservationSource, num_envs: int | None = None) -> gym.Env | gym.vector.VectorEnv:
     kwargs = {"obs_mode": source.obs_mode, **source.env_kwargs}
-    wrap: dict[str, Any] = {}
-    if source.uses_encoder:
-        names, ks = zip(*source.members)
-        wrap = {
-            "encoder": list(names),  # one name is one encoder, several a fusion (envs.encoders.make_backend)
-            "backend": source.resolved_backends(),
-            "max_objects": list(ks),
-            "representation": source.representation,
-        }
+    wrap = _wrapper_kwargs(source) if source.uses_encoder else {}
     if num_envs is None:
         env = gym.make(source.env_id, disable_env_checker=True, **kwargs)
         return envs.ObjectSlots(env, **wrap) if wrap else env
     return envs.make_vector_env(source.env_id, num_envs, **wrap, **kwargs)
+
+
+def make_converter(source: ObservationSource) -> SlotConverter:
+    """The image batch -> slots converter the wrappers of ``make_env`` use, without an env around it
+    (for probes of what the slots hold)."""
+    image_space = gym.make(source.env_id, disable_env_checker=True, **source.env_kwargs).observation_space
+    return SlotConverter(image_space, **_wrapper_kwargs(source))
 
 
 def rllib_env_creator(env_context: dict[str, Any]):

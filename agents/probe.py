@@ -5,7 +5,13 @@ Every number goes through the same :class:`envs.VectorObjectSlots` converter the
 
 * ``collect``: frames of random-policy Collect episodes; how often a present slot lies within
   ``AGENT_PX`` of the agent sprite's centre (can the agent see itself?), split by the number of
-  digits left, and how many digits have a present slot within ``DIGIT_PX`` of their centre.
+  digits left, how many digits have a present slot within ``DIGIT_PX`` of their centre, and
+  whether a digit is a target (even: the class information Collect needs), read from its
+  nearest slot's row by logistic regression and 5-NN (fit on the first 2/3 of the frames, scored
+  on the later episodes' frames); ``return_ceiling_of_best``: on those later frames, the expected
+  return left to a perfect navigator that takes, in random order, every digit the logistic probe
+  calls a target (the episode ends with the last target), as a fraction of the best (taking exactly
+  the targets) — roughly what the slots' class information allows a policy.
 * ``oddoneout``: OddOneOut scenes; each digit is matched to the nearest present slot (within
   ``DIGIT_PX``) and the slot rows (features + position) are probed on held-out scenes: 10-way
   class (logistic regression, 5-NN), same/different class of a pair (logistic regression on
@@ -19,7 +25,6 @@ Writes ``OUT/probe.json``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -27,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.environment import ObservationSource, make_env
+from agents.environment import ObservationSource, make_converter
 from envs.encoders import nearest_present
 from envs.scene import CANVAS
 from perception.contract import unit_to_pixels
@@ -51,7 +56,8 @@ def _slot_pixels(obs: dict[str, np.ndarray]) -> np.ndarray:
     return unit_to_pixels(obs["slots"][..., -2:], CANVAS)
 
 
-def _collect_frames(episodes: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def _collect_frames(episodes: int) -> tuple[np.ndarray, list[dict[str, Any]], np.ndarray]:
+    """Frames and infos of random-policy episodes, in episode order, and the env's target classes."""
     import gymnasium as gym
 
     env = gym.make("MultiMNIST-Collect-v0", disable_env_checker=True)
@@ -65,27 +71,67 @@ def _collect_frames(episodes: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
             infos.append(info)
             obs, _, terminated, truncated, info = env.step(int(rng.integers(4)))
             done = terminated or truncated
-    return np.stack(frames), infos
+    return np.stack(frames), infos, env.unwrapped.targets
 
 
-def probe_collect(converter: Any, frames: np.ndarray, infos: list[dict[str, Any]]) -> dict[str, Any]:
+def _fit(model: Any, x: np.ndarray, y: np.ndarray, train: np.ndarray) -> Any:
+    """``model`` (after a StandardScaler) fit on the rows ``x[train]``, flattened to one sample per feature row."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), model).fit(x[train].reshape(-1, x.shape[-1]), y[train].reshape(-1))
+
+
+def _score(model: Any, x: np.ndarray, y: np.ndarray, train: np.ndarray) -> float:
+    return float(model.score(x[~train].reshape(-1, x.shape[-1]), y[~train].reshape(-1)))
+
+
+def probe_collect(
+    converter: Any, frames: np.ndarray, infos: list[dict[str, Any]], targets: np.ndarray
+) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
     obs = _encode(converter, frames)
     on = obs["mask"] > 0.5
     xy = _slot_pixels(obs)
     left = np.array([int(i["present"].sum()) for i in infos])
     agent = np.array([i["agent_position"] for i in infos])
     seen = (on & (np.linalg.norm(xy - agent[:, None], axis=-1) < AGENT_PX)).any(1)
-    found = [
-        (on[n] & (np.linalg.norm(xy[n] - centre, axis=-1) < DIGIT_PX)).any()
-        for n, info in enumerate(infos)
-        for centre in info["positions"][info["present"]]
-    ]
-    return {
+    present = np.array([i["present"] for i in infos])
+    nearest, dist = nearest_present(np.array([i["positions"] for i in infos], np.float64), xy, obs["mask"])
+    found = present & (dist < DIGIT_PX)  # [frames, digits]
+    # is a digit a target? read from its slot row; the first 2/3 of the frames (episodes in order) fit
+    rows = np.take_along_axis(obs["slots"], nearest[..., None], 1)[found]
+    target = np.isin(np.array([i["labels"] for i in infos])[found], targets)
+    train = np.nonzero(found)[0] < 2 * len(frames) // 3
+    result = {
         "frames": len(frames),
         "agent_has_slot": float(seen.mean()),
         "agent_has_slot_by_digits_left": {int(k): float(seen[left == k].mean()) for k in np.unique(left)},
-        "digits_with_slot": float(np.mean(found)),
+        "digits_with_slot": float(found.sum() / present.sum()),
         "present_slots_mean": float(on.sum(1).mean()),
+    }
+    if train.sum() < MIN_SCENES or (~train).sum() < MIN_SCENES or len(np.unique(target[train])) < 2:
+        return result
+    linear = _fit(LogisticRegression(max_iter=2000), rows, target, train)
+    knn = _fit(KNeighborsClassifier(5), rows, target, train)
+    # a perfect navigator that takes, in random order, every digit the probe calls a target (a digit
+    # without a slot is never taken); once every target left is taken the episode ends, so of its n
+    # non-targets only those before the last of its t targets count: n * t / (t + 1) on average
+    taken = np.zeros_like(found)
+    taken[found] = linear.predict(rows)
+    is_target = present & np.isin(np.array([i["labels"] for i in infos]), targets)
+    held = np.arange(len(frames)) >= 2 * len(frames) // 3
+    t, n = (taken & is_target).sum(1), (taken & ~is_target).sum(1)
+    ends = ~(is_target & ~taken).any(1)
+    gain = t - np.where(ends, n * t / (t + 1), n)
+    return {
+        **result,
+        "target_probe_logistic": _score(linear, rows, target, train),
+        "target_probe_5nn": _score(knn, rows, target, train),
+        "target_base_rate": float(max(target[~train].mean(), 1 - target[~train].mean())),
+        "return_ceiling_of_best": float(gain[held].sum() / is_target[held].sum()),
     }
 
 
@@ -119,34 +165,26 @@ def _pair_features(rows: np.ndarray) -> np.ndarray:
 def probe_oddoneout(converter: Any, scenes: int) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     rows, labels, ok = _oddoneout_rows(converter, scenes)
     if len(rows) < MIN_SCENES:  # e.g. a one-slot encoder: no digit pairs to probe
         return {"scenes": scenes, "scenes_matched": float(ok.mean())}
     train = np.arange(len(rows)) < 2 * len(rows) // 3  # the rest is held out
     d = rows.shape[-1]
-
-    def fit(model: Any, x: np.ndarray, y: np.ndarray) -> Any:
-        return make_pipeline(StandardScaler(), model).fit(x[train].reshape(-1, x.shape[-1]), y[train].reshape(-1))
-
-    def score(model: Any, x: np.ndarray, y: np.ndarray) -> float:
-        return float(model.score(x[~train].reshape(-1, x.shape[-1]), y[~train].reshape(-1)))
-
-    linear, knn = fit(LogisticRegression(max_iter=2000), rows, labels), fit(KNeighborsClassifier(5), rows, labels)
+    linear = _fit(LogisticRegression(max_iter=2000), rows, labels, train)
+    knn = _fit(KNeighborsClassifier(5), rows, labels, train)
     pairs = _pair_features(rows)
     same = np.stack([labels[:, i] == labels[:, j] for i, j in PAIRS], 1)
-    pair_model = fit(LogisticRegression(max_iter=3000), pairs, same)
+    pair_model = _fit(LogisticRegression(max_iter=3000), pairs, same, train)
     p_same = pair_model.predict_proba(pairs[~train].reshape(-1, 2 * d))[:, 1].reshape(-1, len(PAIRS))
     outside = np.array([2, 1, 0])[p_same.argmax(1)]  # the digit not in the most-alike pair
     odd = np.array([[k for k in range(3) if (row == row[k]).sum() == 1][0] for row in labels[~train]])
     return {
         "scenes": scenes,
         "scenes_matched": float(ok.mean()),
-        "class_probe_logistic": score(linear, rows, labels),
-        "class_probe_5nn": score(knn, rows, labels),
-        "pair_same_class_logistic": score(pair_model, pairs, same),
+        "class_probe_logistic": _score(linear, rows, labels, train),
+        "class_probe_5nn": _score(knn, rows, labels, train),
+        "pair_same_class_logistic": _score(pair_model, pairs, same, train),
         "pair_same_class_base_rate": float(max(same[~train].mean(), 1 - same[~train].mean())),
         "odd_one_out_from_pairs": float((outside == odd).mean()),
     }
@@ -177,17 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown probe(s) {sorted(unknown)}; valid: {', '.join(PROBE_ENVS)}", file=sys.stderr)
         return 2
-    frames = _collect_frames(args.episodes) if "collect" in args.probes else None
-    for encoder, name in itertools.product(args.encoders, args.probes):
-        try:
-            source = ObservationSource(PROBE_ENVS[name], encoder, representation=args.representation)
-            converter = make_env(source, num_envs=1).converter
+    collect = _collect_frames(args.episodes) if "collect" in args.probes else None
+    for encoder in args.encoders:
+        try:  # one converter serves every probe: the probe envs share one image space
+            source = ObservationSource(PROBE_ENVS[args.probes[0]], encoder, representation=args.representation)
+            converter = make_converter(source)
         except PerceptionError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        row = probe_collect(converter, *frames) if name == "collect" else probe_oddoneout(converter, args.scenes)
-        results.setdefault(name, {})[encoder] = row
-        print(name, encoder, json.dumps(json_safe(row)), flush=True)
+        for name in args.probes:
+            row = probe_collect(converter, *collect) if name == "collect" else probe_oddoneout(converter, args.scenes)
+            results.setdefault(name, {})[encoder] = row
+            print(name, encoder, json.dumps(json_safe(row)), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))

@@ -30,7 +30,7 @@ def make_vector_env(
     num_envs: int,
     encoder: Any = None,
     backend: Any = "onnx",
-    representation: str = "slots",
+    representation: str | list[str] = "slots",
     max_objects: Any = None,
     **env_kwargs: Any,
 ) -> gym.vector.VectorEnv:

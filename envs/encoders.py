@@ -12,9 +12,10 @@ was trained with (Collect's agent sprite is a fourth object). An ONNX graph's K 
 is exported, so there it must already match.
 
 A list of encoders is one :class:`FusedBackend`: the first encoder's slots are the objects, and
-each later encoder adds to every object the slot vector of its own slot at the same place. It
-lets one model supply what another lacks (LAVAE finds Collect's agent sprite, which AIR ignores;
-AIR's ``z_what`` separates digit classes better than LAVAE's appearance).
+each later encoder adds to every object the slot vector (``"slots"``) or the class one-hot
+(``"prototypes"``) of its own slot at the same place. It lets one model supply what another lacks
+(LAVAE finds Collect's agent sprite, which AIR ignores; DAIR's classes separate digits, which
+LAVAE's appearance code does not).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from perception.errors import PerceptionError
 from perception.metrics import PRESENCE_THRESHOLD
 
 BACKENDS = ("onnx", "torch")
+REPRESENTATIONS = ("slots", "prototypes")
 
 
 class _Shared:
@@ -126,29 +128,50 @@ def nearest_present(points: np.ndarray, slot_xy: np.ndarray, presence: np.ndarra
 class FusedBackend(_Shared):
     """Several frozen encoders as one set of objects: the first encoder's slots are the rows
     (its presence and position are the objects'); every later encoder appends to each row the
-    slot vector of its nearest present slot within ``MATCH_RADIUS`` of the row's position and a
+    features of its nearest present slot within ``MATCH_RADIUS`` of the row's position and a
     flag saying whether there was one (else zeros and 0), so an object only the first encoder
-    sees (Collect's agent: LAVAE finds it, AIR does not) is marked as such."""
+    sees (Collect's agent: LAVAE finds it, AIR does not) is marked as such. Each member's
+    features are its slot vector (``"slots"``) or the one-hot of its argmax class
+    (``"prototypes"``, models with ``class_probs``): a class alone is a smaller input than a
+    whole slot vector when the class is what the first encoder lacks."""
 
-    def __init__(self, members: list[TorchBackend | OnnxBackend]) -> None:
+    def __init__(self, members: list[TorchBackend | OnnxBackend], representations: list[str] | None = None) -> None:
         shapes = {m.image_shape for m in members}
         if len(shapes) != 1:
             raise PerceptionError(f"fused encoders must take one image shape, got {sorted(shapes)}")
+        self.representations = representations or ["slots"] * len(members)
+        for m, rep in zip(members, self.representations):
+            check_representation(m, rep)
         self.members = members
         self.image_shape = members[0].image_shape
         self.num_slots = members[0].num_slots
-        self.slot_layout = list(members[0].slot_layout)
-        for i, m in enumerate(members[1:], 1):
-            self.slot_layout += [f"{i}:{name}" for name in m.slot_layout] + [f"{i}:matched"]
+        layouts = [self._layout(m, rep) for m, rep in zip(members, self.representations)]
+        self.slot_layout = layouts[0]
+        for i, layout in enumerate(layouts[1:], 1):
+            self.slot_layout += [f"{i}:{name}" for name in layout] + [f"{i}:matched"]
         self.has_class_probs = False
+
+    def _layout(self, member: TorchBackend | OnnxBackend, representation: str) -> list[str]:
+        if representation == "slots":
+            return list(member.slot_layout)
+        classes = member(np.zeros((1, *self.image_shape), np.float32))["class_probs"].shape[-1]
+        return [f"class_{c}" for c in range(classes)]
+
+    @staticmethod
+    def _features(out: dict[str, np.ndarray], representation: str) -> np.ndarray:
+        if representation == "slots":
+            return out["slots"]
+        probs = out["class_probs"]
+        return np.eye(probs.shape[-1], dtype=np.float32)[probs.argmax(-1)]
 
     def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:
         first, *others = (m(images, check_range) for m in self.members)
-        parts = [first["slots"]]
-        for out in others:
+        first_rep, *other_reps = self.representations
+        parts = [self._features(first, first_rep)]
+        for out, rep in zip(others, other_reps):
             nearest, dist = nearest_present(first["position"], out["position"], out["presence"])
             matched = (dist < MATCH_RADIUS)[..., None]  # [N, K, 1]
-            parts += [np.take_along_axis(out["slots"], nearest[..., None], 1) * matched, matched]
+            parts += [np.take_along_axis(self._features(out, rep), nearest[..., None], 1) * matched, matched]
         return {
             "slots": np.concatenate(parts, -1, dtype=np.float32),
             "presence": first["presence"],
@@ -156,24 +179,34 @@ class FusedBackend(_Shared):
         }
 
 
-def _per_member(value: Any, n: int) -> list[Any]:
+def check_representation(backend: Any, representation: str) -> None:
+    if representation not in REPRESENTATIONS:
+        raise PerceptionError(f"unknown representation '{representation}'; valid: {', '.join(REPRESENTATIONS)}")
+    if representation == "prototypes" and not backend.has_class_probs:
+        raise PerceptionError(
+            "representation='prototypes' needs a prototype model (one that outputs class_probs); "
+            "this encoder has none, use representation='slots'"
+        )
+
+
+def per_member(value: Any, n: int) -> list[Any]:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
         raise PerceptionError(f"{n} fused encoders need {n} values per setting, got {len(values)}")
     return values
 
 
-def make_backend(encoder: Any, backend: Any = "onnx", max_objects: Any = None):
+def make_backend(encoder: Any, backend: Any = "onnx", max_objects: Any = None, representation: Any = "slots"):
     """An encoder backend; an already-built backend is passed through (shared between wrappers).
-    A list or tuple of encoders gives their :class:`FusedBackend`; ``backend`` and
-    ``max_objects`` are then one value for all or a sequence with one per encoder."""
+    A list or tuple of encoders gives their :class:`FusedBackend`; ``backend``,
+    ``max_objects`` and ``representation`` are then one value for all or a sequence with one per
+    encoder. A single encoder's ``representation`` is applied by the wrapper, not here."""
     if isinstance(encoder, (list, tuple)) and len(encoder) == 1:  # one encoder is not a fusion
-        return make_backend(encoder[0], _per_member(backend, 1)[0], _per_member(max_objects, 1)[0])
+        return make_backend(encoder[0], per_member(backend, 1)[0], per_member(max_objects, 1)[0])
     if isinstance(encoder, (list, tuple)):
         n = len(encoder)
-        return FusedBackend(
-            [make_backend(*m) for m in zip(encoder, _per_member(backend, n), _per_member(max_objects, n))]
-        )
+        members = [make_backend(*m) for m in zip(encoder, per_member(backend, n), per_member(max_objects, n))]
+        return FusedBackend(members, per_member(representation, n))
     if isinstance(encoder, FusedBackend):
         return encoder
     if isinstance(encoder, (TorchBackend, OnnxBackend)):

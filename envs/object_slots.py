@@ -14,8 +14,9 @@ Observation: ``Dict(slots=Box(-bound, bound, (K, D)), mask=Box(0, 1, (K,)))``, f
 
 :class:`ObjectSlots` encodes one image per step; :class:`VectorObjectSlots` encodes all
 sub-environments of a vector env in one batched encoder call per step. ``max_objects`` sets K
-for models that can change it; a list of encoders is fused by position, with ``backend`` and
-``max_objects`` then one value or one per encoder (see :mod:`envs.encoders`).
+for models that can change it; a list of encoders is fused by position, with ``backend``,
+``max_objects`` and ``representation`` then one value or one per encoder (each member's rows
+hold its slot vector or its class one-hot; see :mod:`envs.encoders`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
-from envs.encoders import make_backend
+from envs.encoders import FusedBackend, check_representation, make_backend, per_member
 from perception.metrics import PRESENCE_THRESHOLD
-from perception.errors import InputError, PerceptionError
+from perception.errors import InputError
 
 SLOT_BOUND = 10.0
-REPRESENTATIONS = ("slots", "prototypes")
 
 
 class SlotConverter:
@@ -43,24 +43,22 @@ class SlotConverter:
         image_space: gym.Space,
         encoder: Any,
         backend: Any,
-        representation: str,
+        representation: str | list[str],
         bound: float = SLOT_BOUND,
         max_objects: Any = None,
     ) -> None:
-        if representation not in REPRESENTATIONS:
-            raise PerceptionError(f"unknown representation '{representation}'; valid: {', '.join(REPRESENTATIONS)}")
-        self.encoder = make_backend(encoder, backend, max_objects)
+        self.encoder = make_backend(encoder, backend, max_objects, representation)
+        if isinstance(self.encoder, FusedBackend):
+            representation = "slots"  # the fusion has applied each member's representation
+        elif not isinstance(representation, str):  # one encoder given as a list of one
+            representation = per_member(representation, 1)[0]
         if not isinstance(image_space, spaces.Box) or tuple(image_space.shape) != self.encoder.image_shape:
             got = list(image_space.shape) if isinstance(image_space, spaces.Box) else type(image_space).__name__
             raise InputError(
                 f"the encoder expects images of shape {list(self.encoder.image_shape)} (C, H, W), "
                 f"the environment observes {got}"
             )
-        if representation == "prototypes" and not self.encoder.has_class_probs:
-            raise PerceptionError(
-                "representation='prototypes' needs a prototype model (one that outputs class_probs); "
-                "this encoder has none, use representation='slots'"
-            )
+        check_representation(self.encoder, representation)
         self.from_uint8 = image_space.dtype == np.uint8  # then values are in [0, 1] by construction
         self.scale = np.float32(1.0 / 255.0 if self.from_uint8 else 1.0)
         self.representation = representation
@@ -107,7 +105,7 @@ class ObjectSlots(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         env: gym.Env,
         encoder: Any = "vae",
         backend: Any = "onnx",
-        representation: str = "slots",
+        representation: str | list[str] = "slots",
         bound: float = SLOT_BOUND,
         max_objects: Any = None,
     ) -> None:
@@ -131,7 +129,7 @@ class VectorObjectSlots(gym.vector.VectorObservationWrapper):
         env: gym.vector.VectorEnv,
         encoder: Any = "vae",
         backend: Any = "onnx",
-        representation: str = "slots",
+        representation: str | list[str] = "slots",
         bound: float = SLOT_BOUND,
         max_objects: Any = None,
     ) -> None:

@@ -12,7 +12,7 @@ import torch
 from ray.rllib.core.columns import Columns
 
 import envs
-from agents.environment import ObservationSource, rllib_env_creator
+from agents.environment import ObservationSource, encoder_tag, parse_encoder_spec, rllib_env_creator
 from agents.modules import PixelCNNModule, SlotSetModule
 from perception.errors import PerceptionError
 from perception.models import build_model
@@ -145,7 +145,7 @@ def test_encoder_spec_sets_k_and_fuses_encoders(tmp_path):
     path = tmp_path / "air.pt"
     atomic_save(encoder_state(air, "untrained"), path)
     source = ObservationSource("MultiMNIST-Collect-v0", f"{path}@4")
-    assert source.members == [(str(path), 4)] and source.resolved_backends() == ["torch"]
+    assert source.members == [(str(path), 4, None)] and source.resolved_backends() == ["torch"]
     assert ObservationSource("MultiMNIST-Collect-v0", "air@4").resolved_backends() == ["torch"]  # ONNX K is fixed
     vec = rllib_env_creator({**source.as_config(), "num_envs": 2})
     assert vec.single_observation_space["slots"].shape == (4, 3 + 4 + 2)
@@ -158,6 +158,15 @@ def test_encoder_spec_sets_k_and_fuses_encoders(tmp_path):
             ObservationSource("MultiMNIST-Collect-v0", bad)
 
 
+def test_encoder_spec_sets_one_encoders_representation():
+    spec = "lavae@4+/tmp/x/dair.onnx:prototypes"
+    assert parse_encoder_spec(spec) == [("lavae", 4, None), ("/tmp/x/dair.onnx", None, "prototypes")]
+    assert encoder_tag(spec) == "lavae@4+dair-prototypes"  # run directories get no colon
+    assert parse_encoder_spec("c:/x/air.onnx") == [("c:/x/air.onnx", None, None)]  # not a representation
+    with pytest.raises(PerceptionError, match="NAME"):
+        parse_encoder_spec("air+:prototypes")
+
+
 def test_probe_reports_what_the_slots_hold(vae_checkpoint, tmp_path):
     from agents.probe import main
 
@@ -168,3 +177,27 @@ def test_probe_reports_what_the_slots_hold(vae_checkpoint, tmp_path):
     assert 0.0 <= collect["agent_has_slot"] <= 1.0 and collect["frames"] > 0
     assert odd == {"scenes": 30, "scenes_matched": 0.0}  # one slot cannot hold three digits
     assert main(["--encoders", vae_checkpoint, "--probes", "nope", "--out", str(out)]) == 2
+
+
+def test_collect_probe_reads_the_target_class_where_the_slots_hold_it():
+    from agents.probe import _collect_frames, probe_collect
+
+    frames, infos, targets = _collect_frames(6)
+    state = {"next": 0}
+
+    def converter(batch, parity_in_slots):
+        """Slots at the true digit centres; the one feature is the digit's parity, or a constant."""
+        rows = infos[state["next"] : state["next"] + len(batch)]
+        state["next"] += len(batch)
+        xy = np.array([i["positions"] for i in rows]) / 32.0 - 1.0  # pixels -> contract units
+        parity = np.array([i["labels"] % 2 for i in rows], np.float32)[..., None]
+        feature = parity if parity_in_slots else np.zeros_like(parity)
+        return {"slots": np.concatenate([feature, xy], -1), "mask": np.array([i["present"] for i in rows], np.float32)}
+
+    held = probe_collect(lambda b: converter(b, True), frames, infos, targets)
+    state["next"] = 0
+    blind = probe_collect(lambda b: converter(b, False), frames, infos, targets)
+    assert held["digits_with_slot"] == 1.0 and held["target_probe_logistic"] == 1.0
+    assert held["return_ceiling_of_best"] == 1.0
+    assert blind["target_probe_logistic"] <= blind["target_base_rate"] + 0.05 < 1.0
+    assert blind["return_ceiling_of_best"] < 0.9  # it takes every digit (or none), non-targets too

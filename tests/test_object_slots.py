@@ -277,3 +277,23 @@ def test_fused_encoders_add_the_features_of_the_slot_at_the_same_place():
     np.testing.assert_allclose(obs["slots"][:, -2:], [[0.5, 0.5], [-0.5, 0.0], [0.0, -0.6]])
     assert obs["mask"].tolist() == [1.0, 1.0, 1.0]
     check_env(env, skip_render_check=True)
+
+
+def test_fused_encoder_can_add_its_class_one_hot_instead_of_its_slot_vector():
+    detector = FixedSlots([[0.5, -0.45], [0.0, 0.25], [-0.5, 0.5]], [0.9, 0.9, 0.9], width=1)
+    describer = FakePrototypes(_NoConfig(), (1, 64, 64))  # present slot at [0.5, -0.5] only, argmax class 0
+    env = envs.ObjectSlots(
+        make("MultiMNIST-Count-v0"), encoder=[detector, describer], backend="torch",
+        representation=["slots", "prototypes"],
+    )
+    assert env.observation_space["slots"].shape == (3, 1 + 3 + 1 + 2)  # own, other's class one-hot, matched, position
+    obs, _ = env.reset(seed=3)
+    np.testing.assert_array_equal(obs["slots"][:, 1:5], [[1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_allclose(obs["slots"][:, -2:], [[0.5, -0.45], [0.0, 0.25], [-0.5, 0.5]])
+    check_env(env, skip_render_check=True)
+    with pytest.raises(PerceptionError, match="class_probs"):  # one value for all: the detector has no classes
+        envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=[detector, describer], backend="torch",
+                         representation="prototypes")
+    with pytest.raises(PerceptionError, match="representation"):
+        envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=[detector, describer], backend="torch",
+                         representation=["slots", "classes"])
