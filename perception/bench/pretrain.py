@@ -3,8 +3,8 @@
 Times ``loss + backward + Adam step`` on one fixed batch of generated scenes (data generation
 is timed separately by ``perception.bench data``), after warm-up, as the median of repeats.
 ``--estimators a,b,...`` times each model once per discrete gradient estimator, one step of
-each in turn (so machine-load drift hits them alike), and reports wall and CPU time relative
-to the first: what an estimator costs at model scale, where the toy benchmark
+each in turn (so machine-load drift hits them alike), and reports wall and CPU time, and CPU
+time relative to the first: what an estimator costs at model scale, where the toy benchmark
 (``perception.bench estimators``) only sees its fixed per-step overhead.
 """
 

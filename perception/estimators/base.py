@@ -14,7 +14,10 @@ value is the loss at the hard sample (``exact``: the expected loss), and logging
 does not mislead.
 
 ``loss_fn`` must be per-example: row ``i`` of its output may depend only on row ``i`` of the
-sample (no batch statistics). It may be called several times (relaxed samples, enumeration).
+sample (no batch statistics). It may be called several times (relaxed samples, enumeration) and
+must compute the same function each time: any noise inside it (reparameterisation, dropout) is
+drawn once, outside. REBAR/RELAX difference two of its calls (lambda's curvature term), so fresh
+noise per call would turn that term into amplified noise.
 
 Every sampling estimator draws its hard sample as ``hard(perturb(logits, u))`` with ``u =
 uniform(logits)`` its first random draw, so a caller can reproduce the sample beforehand under a

@@ -412,7 +412,7 @@ class DVAE(Encoder):
             raise CheckpointError(f"{source} is not a {self.name} checkpoint for images {list(self.image_shape)}")
         if self.config.extra_classes:
             raise PerceptionError(f"load_read_out needs a model without spares, this one has extra_classes={self.config.extra_classes}")
-        trained = encoder_from_state(dict(state), source)  # the spares' model; its keep follows from its alive
+        trained = encoder_from_state(state, source)  # the spares' model; its keep follows from its alive
         for field in ("num_classes", "prior_std", "thickness_std"):  # the weights' shapes do not show them all
             theirs, ours = getattr(trained.config, field, None), getattr(self.config, field, None)
             if theirs != ours:
@@ -422,6 +422,8 @@ class DVAE(Encoder):
         for name, target in self.state_dict(keep_vars=True).items():
             if name.startswith("estimator."):
                 continue
+            if name not in weights:
+                raise CheckpointError(f"{source} has no {name}")
             value = weights[name]
             if id(target) in rows:  # one row per prototype: the read-out ones, in keep's order
                 value = value.view(trained.num_prototypes, -1)[trained.keep]
