@@ -34,6 +34,7 @@ import numpy as np
 from perception.train.loop import json_safe
 
 from agents.environment import ObservationSource, encoder_tag
+from envs.encoders import REPRESENTATIONS
 from agents.train import PPOSettings, RunConfig, train
 from perception.errors import PerceptionError
 
@@ -223,7 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--envs", default="Count,Collect", help="comma-separated: Count, Collect, OddOneOut or env ids")
     parser.add_argument("--encoders", default="pixels,vae,oracle", help="comma-separated: pixels, oracle, names, paths")
     parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
-    parser.add_argument("--representation", default="slots", choices=["slots", "prototypes"], help="for encoders")
+    parser.add_argument("--representation", default="slots", choices=REPRESENTATIONS, help="for encoders")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--timesteps", type=int, default=20_000)
     parser.add_argument("--num-envs", type=int, default=16)

@@ -28,7 +28,6 @@ import gymnasium as gym
 
 import envs
 from envs.encoders import BACKENDS, REPRESENTATIONS
-from envs.object_slots import SlotConverter
 from perception.errors import PerceptionError
 
 RLLIB_ENV_NAME = "perception-agents-env"
@@ -114,30 +113,21 @@ def _has_onnx(encoder: str) -> bool:
     return not Path(encoder).exists() and bundled_path(encoder, ".onnx") is not None
 
 
-def _wrapper_kwargs(source: ObservationSource) -> dict[str, Any]:
-    names, ks, reps = zip(*source.members)
-    return {
-        "encoder": list(names),  # one name is one encoder, several a fusion (envs.encoders.make_backend)
-        "backend": source.resolved_backends(),
-        "max_objects": list(ks),
-        "representation": [rep or source.representation for rep in reps],
-    }
-
-
 def make_env(source: ObservationSource, num_envs: int | None = None) -> gym.Env | gym.vector.VectorEnv:
     kwargs = {"obs_mode": source.obs_mode, **source.env_kwargs}
-    wrap = _wrapper_kwargs(source) if source.uses_encoder else {}
+    wrap: dict[str, Any] = {}
+    if source.uses_encoder:
+        names, ks, reps = zip(*source.members)
+        wrap = {
+            "encoder": list(names),  # one name is one encoder, several a fusion (envs.encoders.make_backend)
+            "backend": source.resolved_backends(),
+            "max_objects": list(ks),
+            "representation": [rep or source.representation for rep in reps],
+        }
     if num_envs is None:
         env = gym.make(source.env_id, disable_env_checker=True, **kwargs)
         return envs.ObjectSlots(env, **wrap) if wrap else env
     return envs.make_vector_env(source.env_id, num_envs, **wrap, **kwargs)
-
-
-def make_converter(source: ObservationSource) -> SlotConverter:
-    """The image batch -> slots converter the wrappers of ``make_env`` use, without an env around it
-    (for probes of what the slots hold)."""
-    image_space = gym.make(source.env_id, disable_env_checker=True, **source.env_kwargs).observation_space
-    return SlotConverter(image_space, **_wrapper_kwargs(source))
 
 
 def rllib_env_creator(env_context: dict[str, Any]):

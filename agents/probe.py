@@ -1,7 +1,8 @@
 """``python -m agents.probe``: what an agent can read from an encoder's slots, without PPO.
 
-Every number goes through the same :class:`envs.VectorObjectSlots` converter the agents see
-(``--encoders`` as in ``agents.train --encoder``: ``air``, ``lavae@4``, ``lavae@4+air``):
+Every number goes through the converter of the :class:`envs.ObjectSlots` wrapper that
+``agents.environment.make_env`` builds, the agents' own (``--encoders`` as in
+``agents.train --encoder``: ``air``, ``lavae@4``, ``lavae@4+air``):
 
 * ``collect``: frames of random-policy Collect episodes; how often a present slot lies within
   ``AGENT_PX`` of the agent sprite's centre (can the agent see itself?), split by the number of
@@ -32,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.environment import ObservationSource, make_converter
-from envs.encoders import nearest_present
+from agents.environment import ObservationSource, make_env
+from envs.encoders import REPRESENTATIONS, nearest_present
 from envs.scene import CANVAS
 from perception.contract import unit_to_pixels
 from perception.errors import PerceptionError
@@ -101,10 +102,12 @@ def probe_collect(
     present = np.array([i["present"] for i in infos])
     nearest, dist = nearest_present(np.array([i["positions"] for i in infos], np.float64), xy, obs["mask"])
     found = present & (dist < DIGIT_PX)  # [frames, digits]
-    # is a digit a target? read from its slot row; the first 2/3 of the frames (episodes in order) fit
+    is_target = present & np.isin(np.array([i["labels"] for i in infos]), targets)
+    held = np.arange(len(frames)) >= 2 * len(frames) // 3  # the later episodes' frames (episodes in order)
+    # is a digit a target? read from its slot row; the first 2/3 of the frames fit
     rows = np.take_along_axis(obs["slots"], nearest[..., None], 1)[found]
-    target = np.isin(np.array([i["labels"] for i in infos])[found], targets)
-    train = np.nonzero(found)[0] < 2 * len(frames) // 3
+    target = is_target[found]
+    train = ~held[np.nonzero(found)[0]]
     result = {
         "frames": len(frames),
         "agent_has_slot": float(seen.mean()),
@@ -121,8 +124,6 @@ def probe_collect(
     # non-targets only those before the last of its t targets count: n * t / (t + 1) on average
     taken = np.zeros_like(found)
     taken[found] = linear.predict(rows)
-    is_target = present & np.isin(np.array([i["labels"] for i in infos]), targets)
-    held = np.arange(len(frames)) >= 2 * len(frames) // 3
     t, n = (taken & is_target).sum(1), (taken & ~is_target).sum(1)
     ends = ~(is_target & ~taken).any(1)
     gain = t - np.where(ends, n * t / (t + 1), n)
@@ -194,7 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m agents.probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoders", default="air,lavae@4", help="comma-separated, as agents.train --encoder")
     parser.add_argument("--probes", default="collect,oddoneout")
-    parser.add_argument("--representation", default="slots", choices=["slots", "prototypes"])
+    parser.add_argument("--representation", default="slots", choices=REPRESENTATIONS)
     parser.add_argument("--episodes", type=int, default=100, help="collect: random-policy episodes")
     parser.add_argument("--scenes", type=int, default=3000, help="oddoneout: scenes (2/3 fit, 1/3 held out)")
     parser.add_argument("--out", default="bench_results/agents/probe")
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     for encoder in args.encoders:
         try:  # one converter serves every probe: the probe envs share one image space
             source = ObservationSource(PROBE_ENVS[args.probes[0]], encoder, representation=args.representation)
-            converter = make_converter(source)
+            env = make_env(source)
+            converter = env.converter
+            env.close()  # the converter holds the encoder; the env is only its image space
         except PerceptionError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

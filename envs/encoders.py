@@ -11,11 +11,14 @@ optional hook ``with_max_objects(k)`` (AIR, LAVAE): a scene can hold more object
 was trained with (Collect's agent sprite is a fourth object). An ONNX graph's K is fixed when it
 is exported, so there it must already match.
 
+``representation="prototypes"`` (models with ``class_probs``) wraps a backend in
+:class:`ClassOneHot`, whose ``slots`` are the one-hot of each slot's argmax class; every backend
+:func:`make_backend` returns thus has its rows' features as ``slots``.
+
 A list of encoders is one :class:`FusedBackend`: the first encoder's slots are the objects, and
-each later encoder adds to every object the slot vector (``"slots"``) or the class one-hot
-(``"prototypes"``) of its own slot at the same place. It lets one model supply what another lacks
-(LAVAE finds Collect's agent sprite, which AIR ignores; DAIR's classes separate digits, which
-LAVAE's appearance code does not).
+each later encoder adds to every object the features (slot vector or class one-hot) of its own
+slot at the same place. It lets one model supply what another lacks (LAVAE finds Collect's agent
+sprite, which AIR ignores; DAIR's classes separate digits, which LAVAE's appearance code does not).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class TorchBackend(_Shared):
         self.image_shape = tuple(encoder.image_shape)
         self.num_slots = int(encoder.num_slots)
         self.slot_layout = list(encoder.slot_layout)
-        self.has_class_probs = encoder.num_classes is not None
+        self.num_classes = encoder.num_classes
         self._torch = torch
 
     def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:
@@ -94,7 +97,8 @@ class OnnxBackend(_Shared):
         self.image_shape = tuple(int(s) for s in self.session.image_shape)
         self.num_slots = int(self.session.num_slots)
         self.slot_layout = list(self.session.slot_layout)
-        self.has_class_probs = "class_probs" in self.session.output_names
+        shapes = {o.name: o.shape for o in self.session.session.get_outputs()}  # only the batch is dynamic
+        self.num_classes = int(shapes["class_probs"][-1]) if "class_probs" in shapes else None
         _check_max_objects(self, max_objects)
 
     def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:
@@ -125,53 +129,55 @@ def nearest_present(points: np.ndarray, slot_xy: np.ndarray, presence: np.ndarra
     return index, np.take_along_axis(dist, index[..., None], -1)[..., 0]
 
 
+class ClassOneHot(_Shared):
+    """A prototype model's slots replaced by the one-hot of their argmax class: the only place
+    ``representation="prototypes"`` is applied, for a lone encoder and a fused member alike."""
+
+    def __init__(self, member: TorchBackend | OnnxBackend) -> None:
+        self.member = member
+        self.image_shape = member.image_shape
+        self.num_slots = member.num_slots
+        self.slot_layout = [f"class_{c}" for c in range(member.num_classes)]
+        self.num_classes = None  # its outputs hold no class_probs
+        self._one_hot = np.eye(member.num_classes, dtype=np.float32)
+
+    def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:
+        out = self.member(images, check_range)
+        return {
+            "slots": self._one_hot[out["class_probs"].argmax(-1)],
+            "presence": out["presence"],
+            "position": out["position"],
+        }
+
+
 class FusedBackend(_Shared):
     """Several frozen encoders as one set of objects: the first encoder's slots are the rows
     (its presence and position are the objects'); every later encoder appends to each row the
     features of its nearest present slot within ``MATCH_RADIUS`` of the row's position and a
     flag saying whether there was one (else zeros and 0), so an object only the first encoder
-    sees (Collect's agent: LAVAE finds it, AIR does not) is marked as such. Each member's
-    features are its slot vector (``"slots"``) or the one-hot of its argmax class
-    (``"prototypes"``, models with ``class_probs``): a class alone is a smaller input than a
-    whole slot vector when the class is what the first encoder lacks."""
+    sees (Collect's agent: LAVAE finds it, AIR does not) is marked as such. A member's features
+    are its ``slots``: its slot vector, or its class one-hot (:class:`ClassOneHot`), a smaller
+    input than a whole slot vector when the class is what the first encoder lacks."""
 
-    def __init__(self, members: list[TorchBackend | OnnxBackend], representations: list[str] | None = None) -> None:
+    def __init__(self, members: list[Any]) -> None:
         shapes = {m.image_shape for m in members}
         if len(shapes) != 1:
             raise PerceptionError(f"fused encoders must take one image shape, got {sorted(shapes)}")
-        self.representations = representations or ["slots"] * len(members)
-        for m, rep in zip(members, self.representations):
-            check_representation(m, rep)
         self.members = members
         self.image_shape = members[0].image_shape
         self.num_slots = members[0].num_slots
-        layouts = [self._layout(m, rep) for m, rep in zip(members, self.representations)]
-        self.slot_layout = layouts[0]
-        for i, layout in enumerate(layouts[1:], 1):
-            self.slot_layout += [f"{i}:{name}" for name in layout] + [f"{i}:matched"]
-        self.has_class_probs = False
-
-    def _layout(self, member: TorchBackend | OnnxBackend, representation: str) -> list[str]:
-        if representation == "slots":
-            return list(member.slot_layout)
-        classes = member(np.zeros((1, *self.image_shape), np.float32))["class_probs"].shape[-1]
-        return [f"class_{c}" for c in range(classes)]
-
-    @staticmethod
-    def _features(out: dict[str, np.ndarray], representation: str) -> np.ndarray:
-        if representation == "slots":
-            return out["slots"]
-        probs = out["class_probs"]
-        return np.eye(probs.shape[-1], dtype=np.float32)[probs.argmax(-1)]
+        self.slot_layout = list(members[0].slot_layout)
+        for i, m in enumerate(members[1:], 1):
+            self.slot_layout += [f"{i}:{name}" for name in m.slot_layout] + [f"{i}:matched"]
+        self.num_classes = None
 
     def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:
         first, *others = (m(images, check_range) for m in self.members)
-        first_rep, *other_reps = self.representations
-        parts = [self._features(first, first_rep)]
-        for out, rep in zip(others, other_reps):
+        parts = [first["slots"]]
+        for out in others:
             nearest, dist = nearest_present(first["position"], out["position"], out["presence"])
             matched = (dist < MATCH_RADIUS)[..., None]  # [N, K, 1]
-            parts += [np.take_along_axis(self._features(out, rep), nearest[..., None], 1) * matched, matched]
+            parts += [np.take_along_axis(out["slots"], nearest[..., None], 1) * matched, matched]
         return {
             "slots": np.concatenate(parts, -1, dtype=np.float32),
             "presence": first["presence"],
@@ -179,17 +185,17 @@ class FusedBackend(_Shared):
         }
 
 
-def check_representation(backend: Any, representation: str) -> None:
+def _check_representation(backend: Any, representation: str) -> None:
     if representation not in REPRESENTATIONS:
         raise PerceptionError(f"unknown representation '{representation}'; valid: {', '.join(REPRESENTATIONS)}")
-    if representation == "prototypes" and not backend.has_class_probs:
+    if representation == "prototypes" and backend.num_classes is None:
         raise PerceptionError(
             "representation='prototypes' needs a prototype model (one that outputs class_probs); "
             "this encoder has none, use representation='slots'"
         )
 
 
-def per_member(value: Any, n: int) -> list[Any]:
+def _per_member(value: Any, n: int) -> list[Any]:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
         raise PerceptionError(f"{n} fused encoders need {n} values per setting, got {len(values)}")
@@ -197,23 +203,25 @@ def per_member(value: Any, n: int) -> list[Any]:
 
 
 def make_backend(encoder: Any, backend: Any = "onnx", max_objects: Any = None, representation: Any = "slots"):
-    """An encoder backend; an already-built backend is passed through (shared between wrappers).
-    A list or tuple of encoders gives their :class:`FusedBackend`; ``backend``,
-    ``max_objects`` and ``representation`` are then one value for all or a sequence with one per
-    encoder. A single encoder's ``representation`` is applied by the wrapper, not here."""
-    if isinstance(encoder, (list, tuple)) and len(encoder) == 1:  # one encoder is not a fusion
-        return make_backend(encoder[0], per_member(backend, 1)[0], per_member(max_objects, 1)[0])
+    """An encoder backend whose ``slots`` are the rows' features in ``representation``; an
+    already-built backend is passed through (shared between wrappers), a :class:`ClassOneHot` or
+    :class:`FusedBackend` as it is. A list or tuple of encoders gives their :class:`FusedBackend`
+    (a list of one, that encoder's backend); ``backend``, ``max_objects`` and ``representation``
+    are then one value for all or a sequence with one per encoder."""
     if isinstance(encoder, (list, tuple)):
         n = len(encoder)
-        members = [make_backend(*m) for m in zip(encoder, per_member(backend, n), per_member(max_objects, n))]
-        return FusedBackend(members, per_member(representation, n))
-    if isinstance(encoder, FusedBackend):
+        settings = zip(encoder, _per_member(backend, n), _per_member(max_objects, n), _per_member(representation, n))
+        members = [make_backend(*m) for m in settings]
+        return members[0] if n == 1 else FusedBackend(members)
+    if isinstance(encoder, (ClassOneHot, FusedBackend)):
         return encoder
     if isinstance(encoder, (TorchBackend, OnnxBackend)):
         _check_max_objects(encoder, max_objects)
-        return encoder
-    if backend == "torch":
-        return TorchBackend(encoder, max_objects)
-    if backend == "onnx":
-        return OnnxBackend(encoder, max_objects=max_objects)
-    raise PerceptionError(f"unknown encoder backend '{backend}'; valid: {', '.join(BACKENDS)}")
+    elif backend == "torch":
+        encoder = TorchBackend(encoder, max_objects)
+    elif backend == "onnx":
+        encoder = OnnxBackend(encoder, max_objects=max_objects)
+    else:
+        raise PerceptionError(f"unknown encoder backend '{backend}'; valid: {', '.join(BACKENDS)}")
+    _check_representation(encoder, representation)
+    return ClassOneHot(encoder) if representation == "prototypes" else encoder

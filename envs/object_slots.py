@@ -28,7 +28,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
-from envs.encoders import FusedBackend, check_representation, make_backend, per_member
+from envs.encoders import make_backend
 from perception.metrics import PRESENCE_THRESHOLD
 from perception.errors import InputError
 
@@ -47,27 +47,19 @@ class SlotConverter:
         bound: float = SLOT_BOUND,
         max_objects: Any = None,
     ) -> None:
-        self.encoder = make_backend(encoder, backend, max_objects, representation)
-        if isinstance(self.encoder, FusedBackend):
-            representation = "slots"  # the fusion has applied each member's representation
-        elif not isinstance(representation, str):  # one encoder given as a list of one
-            representation = per_member(representation, 1)[0]
+        self.encoder = make_backend(encoder, backend, max_objects, representation)  # slots in the representation
         if not isinstance(image_space, spaces.Box) or tuple(image_space.shape) != self.encoder.image_shape:
             got = list(image_space.shape) if isinstance(image_space, spaces.Box) else type(image_space).__name__
             raise InputError(
                 f"the encoder expects images of shape {list(self.encoder.image_shape)} (C, H, W), "
                 f"the environment observes {got}"
             )
-        check_representation(self.encoder, representation)
         self.from_uint8 = image_space.dtype == np.uint8  # then values are in [0, 1] by construction
         self.scale = np.float32(1.0 / 255.0 if self.from_uint8 else 1.0)
-        self.representation = representation
         self.bound = float(bound)
         self._batch = np.empty((0, *self.encoder.image_shape), np.float32)
         probe = self.encoder(self._float_batch(np.zeros((1, *self.encoder.image_shape), image_space.dtype)))
-        k = probe["slots"].shape[1]
-        d = (probe["class_probs"].shape[-1] if representation == "prototypes" else probe["slots"].shape[-1]) + 2
-        self._one_hot = np.eye(d - 2, dtype=np.float32) if representation == "prototypes" else None
+        k, d = probe["slots"].shape[1], probe["slots"].shape[-1] + 2
         self.space = spaces.Dict(
             {
                 "slots": spaces.Box(-self.bound, self.bound, (k, d), np.float32),
@@ -84,11 +76,7 @@ class SlotConverter:
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         out = self.encoder(self._float_batch(np.asarray(images)), check_range=not self.from_uint8)
-        if self.representation == "prototypes":
-            features = self._one_hot[out["class_probs"].argmax(-1)]
-        else:
-            features = out["slots"]
-        slots = np.concatenate([features, out["position"]], axis=-1, dtype=np.float32)
+        slots = np.concatenate([out["slots"], out["position"]], axis=-1, dtype=np.float32)
         np.minimum(slots, self.bound, out=slots)  # two ufunc calls: np.clip costs more per call
         np.maximum(slots, -self.bound, out=slots)
         return {"slots": slots, "mask": np.greater(out["presence"], PRESENCE_THRESHOLD).astype(np.float32)}

@@ -297,3 +297,30 @@ def test_fused_encoder_can_add_its_class_one_hot_instead_of_its_slot_vector():
     with pytest.raises(PerceptionError, match="representation"):
         envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=[detector, describer], backend="torch",
                          representation=["slots", "classes"])
+
+
+def test_one_encoder_given_as_a_list_of_one_is_that_encoder():
+    single = envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=FakePrototypes(_NoConfig(), (1, 64, 64)),
+                              backend="torch", representation="prototypes")
+    listed = envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder=[single.converter.encoder.member],
+                              backend=["torch"], representation=["prototypes"])
+    assert listed.observation_space == single.observation_space
+    for key, value in single.reset(seed=4)[0].items():
+        np.testing.assert_array_equal(listed.reset(seed=4)[0][key], value)
+
+
+def test_prototypes_through_onnx_match_torch():
+    """The ONNX graph's class_probs shape gives the class count of the one-hot."""
+    pytest.importorskip("export")
+    from perception.pretrained import bundled_path
+
+    if bundled_path("dair", ".onnx") is None:
+        pytest.skip("no bundled dair.onnx")
+    obs = {
+        backend: envs.ObjectSlots(make("MultiMNIST-Count-v0"), encoder="dair", backend=backend,
+                                  representation="prototypes").reset(seed=5)[0]
+        for backend in ("torch", "onnx")
+    }
+    assert obs["onnx"]["slots"].shape == (3, 10 + 2)
+    np.testing.assert_array_equal(obs["onnx"]["slots"][:, :10], obs["torch"]["slots"][:, :10])
+    np.testing.assert_array_equal(obs["onnx"]["mask"], obs["torch"]["mask"])
