@@ -35,7 +35,7 @@ float32, i.e. up to ~0.5% of the curvature term itself; loss_fn must be determin
 :mod:`base`). The difference rows ride in the same autograd pass as
 ``df/ds``, in place of a Hessian-vector product (a second, double-backward pass). It needs no
 double backward, so losses with ops that lack one (``torch.cdist``, tested; cuDNN's
-grid sampler; ``once_differentiable`` functions) keep the full objective.
+grid sampler, not run here: no GPU; ``once_differentiable`` functions) keep the full objective.
 ``loss_hessian=False`` drops the term (two loss_fn rows fewer); eta, r and ``g`` (hence
 unbiasedness) do not depend on it. The own parameters' gradients are injected into the
 surrogate, so one ``backward()`` of the model's loss trains everything. ``g`` itself reaches
