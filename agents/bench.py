@@ -34,7 +34,7 @@ import numpy as np
 from perception.train.loop import json_safe
 
 from agents.environment import ObservationSource, encoder_tag
-from envs.encoders import REPRESENTATIONS
+from envs.encoders import BACKENDS, REPRESENTATIONS
 from agents.train import PPOSettings, RunConfig, train
 from perception.errors import PerceptionError
 
@@ -74,7 +74,7 @@ def run_one(args: argparse.Namespace, out: Path, env: str, encoder: str, seed: i
 def run_learning(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import ray
 
-    for env, encoder in itertools.product(args.envs, args.encoders):  # a bad name fails before any run trains
+    for env, encoder in itertools.product(args.envs, args.encoders):  # a bad env, backend or spec syntax fails before any run trains
         ObservationSource(_env_id(env), encoder, args.backend, args.representation, args.env_kwargs)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     grid = itertools.product(args.envs, args.encoders, range(args.seeds))
@@ -223,7 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m agents.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", default="Count,Collect", help="comma-separated: Count, Collect, OddOneOut or env ids")
     parser.add_argument("--encoders", default="pixels,vae,oracle", help="comma-separated: pixels, oracle, names, paths")
-    parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     parser.add_argument("--representation", default="slots", choices=REPRESENTATIONS, help="for encoders")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--timesteps", type=int, default=20_000)

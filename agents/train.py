@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.environment import RLLIB_ENV_NAME, ObservationSource, encoder_tag, rllib_env_creator
-from envs.encoders import REPRESENTATIONS
+from envs.encoders import BACKENDS, REPRESENTATIONS
 from perception.errors import OutputExistsError, PerceptionError
 
 
@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, argparse.Namespace]:
         "of slots where the model can change it; encoders joined by + are fused by position (the first one's "
         "slots are the objects)",
     )
-    parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     parser.add_argument("--representation", default="slots", choices=REPRESENTATIONS)
     parser.add_argument("--digit-split", default="train", choices=["train", "test"])
     parser.add_argument(

@@ -93,19 +93,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="bench_results/pretrain")
     args = p.parse_args(argv)
 
-    from perception.models import MODELS
+    import dataclasses
+
+    from perception.errors import InputError
+    from perception.estimators import ESTIMATORS
+    from perception.models import MODELS, model_class
     from perception.train.loop import resolve_device
 
     torch.set_num_threads(args.threads)
     names = MODELS.names() if args.models == "all" else args.models.split(",")
-    from perception.estimators import ESTIMATORS
-
-    for name in names:
-        MODELS.get(name)
     estimators = tuple(args.estimators.split(",")) if args.estimators else (None,)
     for estimator in estimators:
         if estimator is not None:
             ESTIMATORS.get(estimator)
+    for name in names:  # every name and option checked before anything is timed
+        fields = {f.name for f in dataclasses.fields(model_class(name).Config)}
+        if args.estimators and "estimator" not in fields:
+            raise InputError(f"model '{name}' has no discrete latent, so --estimators does not apply to it")
     device = resolve_device(args.device)
     rows = [row for name in names for row in time_model(name, args.batch_size, args.repeats, device, estimators=estimators)]
     result = {

@@ -81,7 +81,8 @@ class AIRConfig:
     what_kl_weight: float = 1.0
     explore: float = 0.5  # where/what also fit every count n (mean of F[n]) with this weight...
     explore_steps: int = 3000  # ...decaying linearly over these steps...
-    explore_floor: float = 0.4  # ...to this fraction of it, kept for the rest of training
+    explore_floor: float = 0.4  # ...to this fraction of it, kept for the rest of training (explore_steps=0:
+    # the floor from step 0; explore=0 or explore_floor=0 switches exploration off for good)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.glimpse_size < 2 or self.what_dim < 1 or self.input_pool < 1:

@@ -86,7 +86,8 @@ class DVAESTWhat(nn.Module):
         self.frame_scale = cfg.frame_scale
         self.align_iters = cfg.align_iters
         # Exactly the classes read out (no spares); its estimator is the class estimator, and its
-        # prototypes train at DAIR's learning rate. Only its read() is used, never its training.
+        # prototypes train at DAIR's learning rate. DAIR uses its read(), costs() and estimator, never its
+        # own loss() or moves.
         what = DVAESTConfig(num_classes=cfg.num_classes, estimator=cfg.class_estimator, extra_classes=0, prototype_lr=1.0)
         self.digits = DVAEST(what, (channels, DVAEST_FRAME, DVAEST_FRAME))
         names = self.digits.transform_names

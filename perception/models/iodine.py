@@ -268,9 +268,7 @@ class IODINE(Encoder):
         iterations = iterations if iterations is not None else (self.config.test_iterations or self.config.iterations)
         *_, (z, mu, _, _, _, terms) = self.infer(images, slots, iterations, deterministic)
         masks = terms.log_masks.exp()
-        area = masks.mean(dim=(2, 3))
-        background = F.one_hot(area.argmax(dim=1), slots).bool()  # the largest slot
-        presence, position = masks_to_contract(masks, background, self.config.presence_min_area)
+        presence, position = masks_to_contract(masks, self.config.presence_min_area)
         return EncoderOutput(slots=mu if deterministic else z, presence=presence, position=position, masks=masks)
 
     def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:

@@ -59,16 +59,18 @@ def log_sigmoid(x: Tensor) -> Tensor:
     return torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-x.abs()))
 
 
-def masks_to_contract(masks: Tensor, background: Tensor, min_area: float) -> tuple[Tensor, Tensor]:
+def masks_to_contract(masks: Tensor, min_area: float) -> tuple[Tensor, Tensor]:
     """Presence and position from soft masks ``[N, K, H, W]``.
 
     A slot is present (1) when the pixels where it wins the argmax cover at least ``min_area``
-    of the image and it is not the background (``background`` bool ``[N, K]``); otherwise 0.
+    of the image and it is not the background, the slot with the largest mask (MONet's slot 0
+    is meant to take it, but training may hand it to another slot); otherwise 0.
     Position is the centroid of the soft mask in contract units (x right, y down, edges +-1).
     """
     n, k, h, w = masks.shape
     owner = F.one_hot(masks.argmax(dim=1), k).permute(0, 3, 1, 2).to(masks.dtype)
     area = owner.mean(dim=(2, 3))
+    background = F.one_hot(masks.mean(dim=(2, 3)).argmax(dim=1), k).bool()
     presence = ((area >= min_area) & ~background).to(masks.dtype)
     grid = coordinate_grid(h, w).to(masks)  # pixel centres in [-1, 1]
     total = masks.sum(dim=(2, 3)).clamp_min(1e-6)
@@ -140,10 +142,7 @@ class MONet(Encoder):
         mu, logvar = self.posterior(images, log_masks)
         z = mu if deterministic else mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         masks = log_masks.exp()
-        # Slot 0 (sigma_bg) is meant to take the background, but training may hand it to another
-        # slot (the first Tetris checkpoint's slot 3 took it): the background is the largest slot.
-        background = F.one_hot(masks.mean(dim=(2, 3)).argmax(dim=1), masks.shape[1]).bool()
-        presence, position = masks_to_contract(masks, background, self.config.presence_min_area)
+        presence, position = masks_to_contract(masks, self.config.presence_min_area)
         return EncoderOutput(slots=z, presence=presence, position=position, masks=masks)
 
     def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:
