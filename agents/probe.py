@@ -38,6 +38,7 @@ from envs.encoders import REPRESENTATIONS, nearest_present
 from envs.scene import CANVAS
 from perception.contract import unit_to_pixels
 from perception.errors import PerceptionError
+from perception.metrics import PRESENCE_THRESHOLD
 from perception.train.loop import json_safe
 
 AGENT_PX = 4.0
@@ -94,11 +95,11 @@ def probe_collect(
     from sklearn.neighbors import KNeighborsClassifier
 
     obs = _encode(converter, frames)
-    on = obs["mask"] > 0.5
+    on = obs["mask"] > PRESENCE_THRESHOLD
     xy = _slot_pixels(obs)
     left = np.array([int(i["present"].sum()) for i in infos])
     agent = np.array([i["agent_position"] for i in infos])
-    seen = (on & (np.linalg.norm(xy - agent[:, None], axis=-1) < AGENT_PX)).any(1)
+    seen = nearest_present(agent[:, None].astype(np.float64), xy, obs["mask"])[1][:, 0] < AGENT_PX
     present = np.array([i["present"] for i in infos])
     nearest, dist = nearest_present(np.array([i["positions"] for i in infos], np.float64), xy, obs["mask"])
     found = present & (dist < DIGIT_PX)  # [frames, digits]

@@ -97,8 +97,7 @@ class OnnxBackend(_Shared):
         self.image_shape = tuple(int(s) for s in self.session.image_shape)
         self.num_slots = int(self.session.num_slots)
         self.slot_layout = list(self.session.slot_layout)
-        shapes = {o.name: o.shape for o in self.session.session.get_outputs()}  # only the batch is dynamic
-        self.num_classes = int(shapes["class_probs"][-1]) if "class_probs" in shapes else None
+        self.num_classes = self.session.num_classes
         _check_max_objects(self, max_objects)
 
     def __call__(self, images: np.ndarray, check_range: bool = True) -> dict[str, np.ndarray]:

@@ -142,6 +142,8 @@ class OnnxEncoder:
                 f"(expected input '{INPUT_NAME}' and outputs among {', '.join(OUTPUT_NAMES)})"
             )
         self._outputs = outputs
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}  # only the batch is dynamic
+        self._num_classes = int(shapes["class_probs"][-1]) if "class_probs" in shapes else None
 
     # --- metadata -------------------------------------------------------------------------
     @property
@@ -159,6 +161,11 @@ class OnnxEncoder:
     @property
     def slot_layout(self) -> list[str]:
         return list(self.metadata.slot_layout)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Width of ``class_probs``; None when the encoder has no classes."""
+        return self._num_classes
 
     @property
     def training_data(self) -> str:

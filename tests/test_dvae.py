@@ -9,14 +9,7 @@ import pytest
 import torch
 
 from perception.models import build_model
-from perception.nn.spatial_transformer import (
-    affine_from_params,
-    affine_matrix,
-    crop,
-    identity_matrix,
-    invert_affine,
-    warp,
-)
+from perception.nn.spatial_transformer import affine_from_params, affine_matrix, crop, identity_matrix, warp
 
 ESTIMATORS = ("reinforce", "nvil", "concrete", "rebar", "relax", "exact")
 SHAPE = (1, 28, 28)
@@ -34,6 +27,13 @@ def blob(size: int = 16, cx: float = 8.0, cy: float = 8.0, sigma: float = 1.5) -
     u = torch.arange(size) + 0.5
     img = torch.exp(-((u[None, :] - cx) ** 2 + (u[:, None] - cy) ** 2) / (2 * sigma**2))
     return img[None, None]
+
+
+def invert_affine(matrix: torch.Tensor) -> torch.Tensor:
+    """The inverse transform ``[A^-1 | -A^-1 t]`` by ``linalg.inv``: the reference for ``warp``."""
+    a, t = matrix[..., :2], matrix[..., 2:]
+    a_inv = torch.linalg.inv(a)
+    return torch.cat([a_inv, -a_inv @ t], dim=-1)
 
 
 def centre_of_mass(img: torch.Tensor) -> tuple[float, float]:
@@ -63,8 +63,11 @@ def test_scale_enlarges_and_crop_inverts_warp():
     y = warp(x, m)
     assert (y > 0.5).sum() > 1.8 * (x > 0.5).sum()  # area grows by ~1.5^2
     assert torch.allclose(crop(y, m), x, atol=0.03)
-    # warping with the inverse matrix is the same as cropping
+    # warping with the inverse matrix is the same as cropping (F.affine_grid's sampling)
     assert torch.allclose(warp(y, invert_affine(m)), crop(y, m), atol=1e-5)
+    general = affine_from_params(torch.randn(4, 6) * 0.3)
+    objects = torch.rand(4, 1, 20, 20)
+    assert torch.allclose(warp(objects, general, (28, 24)), crop(objects, invert_affine(general), (28, 24)), atol=1e-5)
 
 
 def test_invert_affine_composes_to_identity():

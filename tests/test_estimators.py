@@ -312,6 +312,44 @@ def test_loss_fn_must_return_one_loss_per_example():
         est(torch.zeros(3, 2, 3), lambda c: c.sum())
 
 
+@pytest.mark.parametrize("dist", ["categorical", "bernoulli"])
+@pytest.mark.parametrize("name", ["rebar", "relax", "exact"])
+def test_a_broadcasting_loss_gives_the_same_estimate_in_one_call(name, dist):
+    """broadcasts=True evaluates every sample row in one loss_fn call: the same sample, loss,
+    logit gradient, pathwise gradient and own-parameter gradient as one call per row."""
+    logits0, t = toy(dist, seed=3)
+    results, calls = [], []
+    for broadcasts in (False, True):
+        torch.manual_seed(11)
+        est = build(name, dist)
+        logits = logits0.expand(5, *logits0.shape).clone().requires_grad_()
+        w = torch.ones((), requires_grad=True)
+
+        def loss_fn(c):
+            calls.append(broadcasts)
+            return ((t - w * c) ** 2).flatten(-logits0.dim()).sum(-1)  # [..., B, vars] -> [..., B]
+
+        out = est(logits, loss_fn, broadcasts=broadcasts)
+        out.surrogate.mean().backward()
+        own = [p.grad.clone() for p in est.parameters()]
+        results.append((out.sample, out.loss, logits.grad, w.grad, own))
+    (s0, l0, g0, w0, o0), (s1, l1, g1, w1, o1) = results
+    assert torch.equal(s0, s1)
+    torch.testing.assert_close(l1, l0)
+    torch.testing.assert_close(g1, g0)
+    torch.testing.assert_close(w1, w0)
+    for a, b in zip(o0, o1):
+        torch.testing.assert_close(b, a)
+    assert calls.count(True) < calls.count(False)  # fewer loss_fn calls, not just the same ones
+
+
+def test_a_loss_declared_broadcasting_that_does_not_broadcast_is_one_clear_error():
+    est = build("relax", "categorical")
+    logits = torch.zeros(4, 2, 3)
+    with pytest.raises(InputError, match=r"broadcasts=True must map samples \(4, 4, 2, 3\) to losses \(4, 4\)"):
+        est(logits, lambda c: c.reshape(c.shape[0], -1).sum(1), broadcasts=True)
+
+
 def test_param_groups_carry_the_estimators_own_learning_rate():
     assert build("reinforce", "bernoulli").param_groups(0.01) == []
     assert build("nvil", "bernoulli").param_groups(0.01)[0]["lr"] == 0.1
@@ -383,9 +421,10 @@ def autograd_reference(est, logits, loss_fn, u, v, context):
 
 
 @pytest.mark.parametrize("dist", ["categorical", "bernoulli"])
-def test_relax_hand_written_derivatives_match_autograd(dist):
+@pytest.mark.parametrize("variables", [1, 2])  # one variable per example takes shortcuts
+def test_relax_hand_written_derivatives_match_autograd(dist, variables):
     torch.manual_seed(12)
-    shape = (3, 2, 4) if dist == "categorical" else (3, 5)
+    shape = (3, variables, 4) if dist == "categorical" else (3, 2 * variables + 1 if variables > 1 else 1)
     est = build_estimator(
         "relax", dist, num_classes=4 if dist == "categorical" else None, context_dim=2, hidden=5
     ).double()

@@ -67,6 +67,27 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     assert_same_weights(tmp_path / "long", tmp_path / "extended")
 
 
+def test_forked_run_trains_at_the_new_configurations_group_rates(tmp_path):
+    """bench segmentation's --continue-from forks a run under new options; every optimiser group
+    (the model's and a group with its own rate, here D-VAE's prototypes) must follow them."""
+    from perception.bench.segmentation import fork_run
+    from perception.train.loop import build_run_model
+    from perception.train.optim import make_optimizer
+
+    base = dict(model="dvae", dataset="mnist", steps=2, batch_size=8, train_size=64, eval_size=16,
+                checkpoint_every=2, log_every=2, image_every=0,
+                model_options={"channels": 4, "hidden": 8, "split_every": 0, "extra_classes": 0})
+    train(TrainConfig(**base), tmp_path / "source", progress=False)
+    forked = TrainConfig(**{**base, "steps": 3, "lr": 0.25 * TrainConfig(**base).lr,
+                            "model_options": {**base["model_options"], "prototype_lr": 3.0}})
+    fork_run(tmp_path / "source", tmp_path / "fork", forked)
+    train(forked, tmp_path / "fork", resume=True, progress=False)
+    saved = [g["lr"] for g in read_checkpoint(tmp_path / "fork" / "checkpoint.pt")["optimizer"]["param_groups"]]
+    shape = tuple(read_checkpoint(tmp_path / "fork" / "encoder.pt")["image_shape"])
+    expected = [g["lr"] for g in make_optimizer(build_run_model(forked, shape), forked.lr).param_groups]
+    assert saved == pytest.approx(expected) and len(set(saved)) == 2
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
     """A real kill -9 at an arbitrary moment: the atomic checkpoint is always loadable."""
     cfg = {**TINY, "steps": 400, "checkpoint_every": 2, "log_every": 50, "image_every": 0}

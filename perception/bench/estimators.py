@@ -57,7 +57,7 @@ def reinforce_variance(logits: torch.Tensor, vertex: torch.Tensor) -> float:
 def gradient_variance(est, logits: torch.Tensor, loss_fn, samples: int) -> float:
     est.eval()
     rows = logits.detach().expand(samples, -1).contiguous().requires_grad_()
-    (grads,) = torch.autograd.grad(est(rows, loss_fn).surrogate.sum(), rows)
+    (grads,) = torch.autograd.grad(est(rows, loss_fn, broadcasts=True).surrogate.sum(), rows)
     est.train()
     return grads.var(0).mean().item()
 
@@ -84,7 +84,7 @@ def run(name: str, target: tuple[float, ...], seed: int, steps: int, checkpoints
     for step in range(1, steps + 1):
         start, start_cpu = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
-        est(logits, loss_fn).surrogate.mean().backward()
+        est(logits, loss_fn, broadcasts=True).surrogate.mean().backward()
         opt.step()
         wall += time.perf_counter() - start
         cpu += time.process_time() - start_cpu

@@ -142,7 +142,8 @@ def run_seed(args: argparse.Namespace, seed: int, run_dir: Path, png: Path) -> d
 def fork_run(source: Path, run_dir: Path, cfg: TrainConfig) -> None:
     """Seed ``run_dir`` with ``source``'s training checkpoint (weights, Adam moments, step, RNG
     states) under ``cfg``, so that the trainer's resume continues it with other options and
-    learning rate; ``source`` is left as it was."""
+    learning rates (resume takes every group's rate from the configuration); ``source`` is left
+    as it was."""
     from perception.errors import OutputExistsError, PerceptionError
     from perception.train.checkpoint import atomic_save, read_checkpoint
     from perception.train.loop import write_json
@@ -152,9 +153,6 @@ def fork_run(source: Path, run_dir: Path, cfg: TrainConfig) -> None:
     state = read_checkpoint(source / "checkpoint.pt")
     if state["step"] >= cfg.steps:
         raise PerceptionError(f"--steps {cfg.steps} must exceed the {state['step']} steps already run in {source}")
-    ratio = cfg.lr / state["train_config"]["lr"]  # groups with their own rate (e.g. an estimator's) keep it relative
-    for group in state["optimizer"]["param_groups"]:
-        group["lr"] *= ratio
     state["train_config"] = cfg.to_dict()
     atomic_save(state, run_dir / "checkpoint.pt")
     write_json(cfg.to_dict(), run_dir / "config.json")

@@ -2,7 +2,8 @@
 
 The surrogate is ``sum_s p(s) f(s)`` itself, so its gradient is the true gradient for the logits
 and the expected pathwise gradient for loss_fn's parameters, with zero variance. loss_fn runs
-once per state (the same state for the whole batch), hence the state limit.
+once per state (the same state for the whole batch), or once on all states where it broadcasts
+(:mod:`base`), hence the state limit.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Exact(Estimator):
             log_p = flat @ _rows(F.logsigmoid(logits)).T + (1 - flat) @ _rows(F.logsigmoid(-logits)).T
         else:
             log_p = flat @ _rows(F.log_softmax(logits, -1)).T  # [S, B]
-        losses = torch.stack([self._evaluate(loss_fn, s.expand_as(logits)) for s in states])  # [S, B]
+        losses = self._evaluate_rows(loss_fn, states.unsqueeze(1).expand(len(states), *logits.shape))  # [S, B]
         probs = log_p.exp()
         pick = torch.multinomial(probs.detach().T, 1).squeeze(1)
         rows = torch.arange(batch, device=logits.device)

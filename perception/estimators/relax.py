@@ -182,16 +182,14 @@ class _ControlVariate(Estimator):
         dc = None if residual is None else residual.grad
         curvature = train and self.config.loss_hessian and loss_fn is not None
         if loss_fn is not None:
-            rows = list(s.unbind())
-            if curvature:  # s at log(lambda) + step, for H_f ds/dlog(lambda) by a forward difference
+            rows = s
+            if curvature:
                 step = torch.finfo(s.dtype).eps ** 0.5
-                rows += D.relax(self.distribution, points, temperature * math.exp(step)).unbind()
-            rows = [row.requires_grad_() for row in rows]
+                rows = torch.cat([s, D.relax(self.distribution, points, temperature * math.exp(step))])
+            rows = rows.requires_grad_()
             with torch.enable_grad():
-                f = [self._evaluate(loss_fn, row) for row in rows]
-                ones = torch.ones_like(cost)
-                df_rows = torch.autograd.grad(f, rows, (ones,) * len(rows), materialize_grads=True)
-            df_all = torch.stack(df_rows)
+                f = self._evaluate_rows(loss_fn, rows)  # [R, B]: one call where loss_fn broadcasts
+                (df_all,) = torch.autograd.grad(f, rows, torch.ones_like(f), materialize_grads=True)
             df = df_all[:2]
             f_tilde = f[1] - self._level()  # no graph: this is no_grad
             c_tilde = eta * f_tilde if c_tilde is None else torch.addcmul(c_tilde, eta, f_tilde)
@@ -220,18 +218,18 @@ class _ControlVariate(Estimator):
             dc_bar = s_t * q_bar
             qd = q_bar * dc
             s_bar = torch.addcmul(qd, qd, s, value=-2.0).div_(temperature)
-        log_temperature_bar = -(q_bar * q).sum()
-        eta_bar = None
+        eta_bar, curvature_bar = None, None
         if loss_fn is not None:
-            eta_bar = (dc_bar * df).sum() + (c_bar * f_tilde).sum()
+            eta_bar = (dc_bar * df).sum() + torch.dot(c_bar, f_tilde)
             s_bar[1].addcmul_(_rows(c_bar, dims), dc_f[1])  # eta f(s(z~)) in the coefficient
             if curvature:  # <eta dc_bar, H_f ds/dlog(lambda)>: what s_bar += H_f (eta dc_bar) adds below
-                difference = df_all[2:] - df
-                log_temperature_bar = log_temperature_bar + (dc_bar * difference).mul_(eta).sum().div_(step)
+                curvature_bar = (dc_bar * (df_all[2:] - df)).mul_(eta / step)
         net_bar = [] if residual is None else self._residual_backward(residual, c_bar, dc_bar, s_bar, context)
         # s = relax(z / lambda): ds/dlog(lambda) = -J z, J the (symmetric) Jacobian in z
         z_bar = s_t * (s_bar - (s * s_bar).sum(-1, keepdim=True)) if categorical else s_t * s_bar
-        log_temperature_bar = log_temperature_bar - (z_bar * points).sum()
+        # log lambda's gradient, every term an elementwise product over [2, B, ...] summed once
+        terms = torch.addcmul(q_bar * q, z_bar, points)
+        log_temperature_bar = (terms.neg_() if curvature_bar is None else curvature_bar.sub_(terms)).sum()
         head = torch.stack([log_temperature_bar, torch.zeros_like(log_temperature_bar) if eta_bar is None else eta_bar])
         grad = torch.cat([head, *(piece.reshape(-1) for piece in net_bar)]) if net_bar else head
         self._observe(cost)
@@ -312,7 +310,11 @@ class Relax(_ControlVariate):
         out = w_out * scale
         out_slope = slope * out
         level = torch.addcmul(self.cost.mean, b_out, scale, value=variables)
-        value = (a[len(x) // 2 :] @ out).view(batch, variables).sum(1) + level
+        tilde = a[len(x) // 2 :]  # [B V, H] at s(z~)
+        if variables == 1:
+            value = torch.addmv(level, tilde, out)
+        else:
+            value = (tilde @ out).view(batch, variables).sum(1) + level
         return _Residual(value, (out_slope @ w_in).view(relaxed.shape), x, w_in, a, slope, out, out_slope, scale)
 
     def _level(self) -> Tensor:
@@ -343,14 +345,16 @@ class Relax(_ControlVariate):
         y = F.linear(grad_bar, w_in)  # [2 B V, H]
         y_slope = y * slope
         a_bar = (a * y).mul_(res.out * -2.0)  # from dr/ds = (slope * out) @ w_in
-        per_row = value_bar.view(-1, 1).expand(batch, half // batch).reshape(-1)  # r enters c at s(z~) only
+        variables = half // batch
+        # r enters c at s(z~) only, once per variable
+        per_row = value_bar if variables == 1 else value_bar.view(-1, 1).expand(batch, variables).reshape(-1)
         a_bar[half:].addr_(per_row, res.out)
         h_bar = a_bar.mul_(slope)
         grads = [
             torch.addmm(h_bar.T @ x, res.out_slope.T, grad_bar),  # w_in
             h_bar.sum(0),  # b_in
             torch.addmv(y_slope.sum(0), a[half:].T, per_row).mul_(res.scale),  # w_out
-            value_bar.sum().mul_(res.scale * (half // batch)).reshape(1),  # b_out
+            value_bar.sum(0, keepdim=True).mul_(res.scale if variables == 1 else res.scale * variables),  # b_out
         ]
         if context is not None:
             grads.insert(2, h_bar.view(2, batch, -1, h_bar.shape[-1]).sum((0, 2)).T @ context)

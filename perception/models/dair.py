@@ -130,7 +130,7 @@ class DVAESTWhat(nn.Module):
         kl = kl_class + (choice * r.kl).sum(-1)
         features = torch.cat([chosen, choice], -1)
         log_ratio = (choice * r.log_ratio).sum(-1) - math.log(c)  # class as a point mass on the argmax
-        return ObjectCode(features, kl, appearance, features, F.log_softmax(r.logits, -1).exp(), aux, log_ratio)
+        return ObjectCode(features, kl, appearance, features, r.logits.softmax(-1), aux, log_ratio)
 
     def load(self, source: str) -> None:
         from perception import resolve_encoder_path

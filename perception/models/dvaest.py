@@ -9,10 +9,9 @@ misaligned prototypes (the idea of transformation-invariant clustering). The net
 layer is zero-initialised, so every image starts at the identity transform with a small
 posterior spread; the prior is N(0, prior_std^2) per affine parameter (thickness:
 N(0, thickness_std^2)), centred on the identity. Each prototype is warped by
-:func:`~perception.nn.glimpse.warp_affine` (``spatial_transformer.warp`` without its matrix
-inverse op, so that DAIR, which draws warped prototypes, exports to ONNX), so it only has to
-explain a digit's shape, not its position, size, slant or stroke width. The contract position
-is the chosen class's translation: where the prototype's centre lands.
+:func:`~perception.nn.spatial_transformer.warp`, so it only has to explain a digit's shape,
+not its position, size, slant or stroke width. The contract position is the chosen class's
+translation: where the prototype's centre lands.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from perception.models.dvae import PROB_EPS, DVAE, DVAEConfig
-from perception.nn.glimpse import warp_affine
-from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params, crop
+from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params, crop, warp
 
 INITIAL_LOGVAR = -6.0  # posterior std ~0.05 at the start: near-deterministic identity warps
 
@@ -81,7 +79,7 @@ class DVAEST(DVAE):
     def apply(self, objects: Tensor, params: Tensor) -> Tensor:
         """Warp ``objects`` ``[M, C, H, W]`` by ``params`` ``[M, T]`` and shift their logits by the
         thickness (when the model has one)."""
-        warped = warp_affine(objects, affine_from_params(params[:, : len(PARAM_NAMES)]))
+        warped = warp(objects, affine_from_params(params[:, : len(PARAM_NAMES)]))
         if params.shape[-1] == len(PARAM_NAMES):
             return warped
         logits = torch.logit(warped.clamp(PROB_EPS, 1.0 - PROB_EPS)) + params[:, -1, None, None, None]

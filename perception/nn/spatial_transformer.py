@@ -63,11 +63,9 @@ def identity_matrix(batch: int, device: torch.device | None = None, dtype: torch
     return torch.eye(2, 3, device=device, dtype=dtype).expand(batch, 2, 3).clone()
 
 
-def invert_affine(matrix: Tensor) -> Tensor:
-    """The inverse transform ``[A^-1 | -A^-1 t]``: canvas-to-object becomes object-to-canvas."""
-    a, t = matrix[..., :2], matrix[..., 2:]
-    a_inv = torch.linalg.inv(a)
-    return torch.cat([a_inv, -a_inv @ t], dim=-1)
+def pixel_centres(n: int, like: Tensor) -> Tensor:
+    """Normalised coordinates of the centres of ``n`` pixels."""
+    return (2 * torch.arange(n, dtype=like.dtype, device=like.device) + 1) / n - 1
 
 
 def _sample(images: Tensor, theta: Tensor, out_size: tuple[int, int] | None) -> Tensor:
@@ -82,9 +80,21 @@ def warp(objects: Tensor, matrix: Tensor, out_size: tuple[int, int] | None = Non
     """Render ``objects`` ``[N, C, h, w]`` onto canvases ``[N, C, *out_size]`` (default: same size).
 
     A canvas point ``p`` shows the object at ``A^-1 (p - t)``; e.g. ``t = (0.5, 0)`` moves the
-    content right by a quarter of the canvas width.
+    content right by a quarter of the canvas width. The sampling grid is built by broadcasting
+    with the 2x2 inverse written out: no ``linalg.inv`` (which ONNX lacks, and DAIR exports
+    warped prototypes) and no ``F.affine_grid`` (a batched matmul of inner size 3, slow on CPU).
     """
-    return _sample(objects, invert_affine(matrix), out_size)
+    a, b, tx = matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 0, 2]
+    c, d, ty = matrix[:, 1, 0], matrix[:, 1, 1], matrix[:, 1, 2]
+    det = a * d - b * c
+    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det  # A^-1
+    oh, ow = out_size if out_size is not None else objects.shape[-2:]
+    xs = pixel_centres(ow, matrix)[None, None, :] - tx[:, None, None]
+    ys = pixel_centres(oh, matrix)[None, :, None] - ty[:, None, None]
+    gx = ia[:, None, None] * xs + ib[:, None, None] * ys
+    gy = ic[:, None, None] * xs + id_[:, None, None] * ys
+    grid = torch.stack([gx, gy], -1)
+    return F.grid_sample(objects, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def crop(canvas: Tensor, matrix: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:

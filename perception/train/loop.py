@@ -160,7 +160,10 @@ def train(
     if resume:
         state = read_checkpoint(out / "checkpoint.pt")
         model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
+        rates = [g["lr"] for g in optimizer.param_groups]  # the configuration's, not the checkpoint's:
+        optimizer.load_state_dict(state["optimizer"])  # a forked run (bench segmentation) may change them
+        for group, lr in zip(optimizer.param_groups, rates):
+            group["lr"] = lr
         step = int(state["step"])
         torch.set_rng_state(state["torch_rng"][rank])
         if device.type == "cuda" and state.get("cuda_rng"):
