@@ -21,7 +21,6 @@ in :class:`envs.ObjectSlots`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ class ObservationSource:
         if self.backend not in ("auto", *BACKENDS):
             raise PerceptionError(f"unknown backend '{self.backend}'; valid: auto, {', '.join(BACKENDS)}")
         if self.uses_encoder:
-            self.members  # parsed once here: a bad spec is a clear error before any env is built
+            parse_encoder_spec(self.encoder)  # a bad spec is a clear error before any env is built
 
     @property
     def obs_mode(self) -> str:
@@ -85,7 +84,7 @@ class ObservationSource:
     def uses_encoder(self) -> bool:
         return self.encoder not in SOURCES_WITHOUT_ENCODER
 
-    @cached_property
+    @property
     def members(self) -> list[tuple[str, int | None, str | None]]:
         return parse_encoder_spec(self.encoder)
 

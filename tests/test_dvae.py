@@ -70,15 +70,6 @@ def test_scale_enlarges_and_crop_inverts_warp():
     assert torch.allclose(warp(objects, general, (28, 24)), crop(objects, invert_affine(general), (28, 24)), atol=1e-5)
 
 
-def test_invert_affine_composes_to_identity():
-    m = affine_from_params(torch.randn(5, 6) * 0.3)
-    inv = invert_affine(m)
-    a, t = m[:, :, :2], m[:, :, 2:]
-    ai, ti = inv[:, :, :2], inv[:, :, 2:]
-    assert torch.allclose(ai @ a, torch.eye(2).expand(5, 2, 2), atol=1e-5)
-    assert torch.allclose(ai @ t + ti, torch.zeros(5, 2, 1), atol=1e-5)
-
-
 # --- models ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["dvae", "dvaest"])
 def test_contract_and_deterministic_mode(name):

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from perception.cli import parse_options, run_cli
-from perception.errors import CheckpointError, InputError
+from perception.errors import CheckpointError, InputError, OutputExistsError
 from perception.metrics import clustering_accuracy, summarise
 from perception.train.config import TrainConfig
 from perception.train.images import image_grid
@@ -75,19 +75,19 @@ def save_prototypes(model: Any, path: Path) -> None:
     plt.imsave(path, grid.permute(1, 2, 0).numpy())
 
 
-def class_probs(model: Any, images: np.ndarray) -> torch.Tensor:
+def class_probs(model: Any, images: torch.Tensor) -> torch.Tensor:
     """``[N, L]`` q(c|x) as ``encode`` reads it, in chunks."""
-    x = torch.from_numpy(images)
     with torch.no_grad():
-        return torch.cat([model.encode(x[i : i + 500]).class_probs[:, 0] for i in range(0, len(x), 500)])
+        return torch.cat([model.encode(images[i : i + 500]).class_probs[:, 0] for i in range(0, len(images), 500)])
 
 
 def prior_gap(model: Any, scenes: Any) -> float:
     """KL(mean_x q(c|x) || uniform) in nats over ``scenes``: how far the class usage is from
     the uniform prior the model assumes (the restart selection criterion)."""
+    from perception.models.dvae import usage_gap
+
     model.eval()
-    usage = class_probs(model, scenes.float_images()).mean(0)
-    return float((usage * (usage.clamp_min(1e-12) * usage.numel()).log()).sum())
+    return float(usage_gap(class_probs(model, torch.from_numpy(scenes.float_images())).mean(0)))
 
 
 def score(model: Any, scenes: Any, num_clusters: int) -> dict[str, float]:
@@ -97,8 +97,8 @@ def score(model: Any, scenes: Any, num_clusters: int) -> dict[str, float]:
     labels = np.unique(scenes.labels[:, 0], return_inverse=True)[1]  # 0..C-1 (simplified-mnist: 2, 6, 9)
     model.eval()
     with torch.no_grad():
-        probs = class_probs(model, scenes.float_images())
         images = torch.from_numpy(scenes.float_images())
+        probs = class_probs(model, images)
         chunks = [images[i : i + 500] for i in range(0, len(images), 500)]
         amortised = torch.cat([model.classifier_logits(model.hidden(c))[:, model.keep] for c in chunks])
         own = mean_model_metrics(model, scenes, torch.device("cpu"))
@@ -116,14 +116,38 @@ def score(model: Any, scenes: Any, num_clusters: int) -> dict[str, float]:
 
 
 def finished(run_dir: Path, cfg: TrainConfig) -> bool:
-    """Whether ``run_dir`` holds a checkpoint at ``cfg.steps`` and its exported encoder."""
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    return int(state["step"]) >= cfg.steps and (run_dir / "encoder.pt").is_file()
+    """Whether ``run_dir`` holds a run trained to exactly ``cfg.steps`` (its metrics.json is
+    written last); a longer one is an error, not a result of this configuration."""
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        return False
+    done = int(json.loads(metrics.read_text())["steps"])
+    if done > cfg.steps:
+        raise CheckpointError(
+            f"{run_dir} holds a run of {done} steps, more than --steps {cfg.steps}; choose another --out"
+        )
+    return done == cfg.steps
+
+
+def check_run_dir(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds a run of ``cfg`` to resume (False: empty or absent); anything
+    else there is an error, and nothing is overwritten."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return False
+    saved = run_dir / "config.json"
+    if not (run_dir / "checkpoint.pt").is_file() or not saved.is_file():
+        raise OutputExistsError(
+            f"{run_dir} holds files but no checkpoint.pt and config.json to resume; choose another --out"
+        )
+    diff = TrainConfig(**json.loads(saved.read_text())).mismatches(cfg)
+    if diff:
+        raise CheckpointError(f"{run_dir} holds a run with another {', '.join(diff)}; choose another --out or --tag")
+    return True
 
 
 def run_seed(args: argparse.Namespace, num_clusters: int, seed: int, run_dir: Path) -> dict[str, Any]:
     from perception.data import make_dataset
-    from perception.train.loop import build_run_model, prepare_out_dir, train
+    from perception.train.loop import build_run_model, train
 
     # the whole training pool (MNIST: digits 0-7999) and the whole held-out pool (8000-9999)
     train_set = make_dataset(args.dataset, "train", data_dir=args.data_dir)
@@ -143,24 +167,23 @@ def run_seed(args: argparse.Namespace, num_clusters: int, seed: int, run_dir: Pa
         train_size=train_size,
         eval_size=len(test),
         data_dir=args.data_dir,
-        checkpoint_every=args.steps,
+        checkpoint_every=max(1, args.steps // 10),  # an interrupted benchmark resumes from here
         log_every=max(1, args.steps // 20),
         image_every=0,
         model_options=options,
     )
-    resume = (run_dir / "checkpoint.pt").is_file()  # same config or a clear CheckpointError
-    timing = run_dir / "bench_seconds.json"  # training time summed over resumed processes
-    earlier = json.loads(timing.read_text())["train_seconds"] if resume and timing.is_file() else 0.0
-    if resume:
-        try:
-            prepare_out_dir(cfg, run_dir, resume=True)
-        except CheckpointError as err:
-            raise CheckpointError(f"{run_dir} holds another run ({err}); choose another --out or --tag") from None
-    start = time.perf_counter()
+    resume = check_run_dir(run_dir, cfg)
+    timing = run_dir / "bench_seconds.json"  # training time, summed over resumed processes
+    seconds = json.loads(timing.read_text())["train_seconds"] if resume and timing.is_file() else 0.0
     if not (resume and finished(run_dir, cfg)):
-        train(cfg, run_dir, resume=resume, progress=False, out_checked=True)
-    seconds = earlier + time.perf_counter() - start
-    timing.write_text(json.dumps({"train_seconds": seconds}) + "\n")
+        start, earlier = time.perf_counter(), seconds
+
+        def record(step: int) -> None:  # at each checkpoint, so a killed run keeps its time so far
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                timing.write_text(json.dumps({"train_seconds": earlier + time.perf_counter() - start}) + "\n")
+
+        train(cfg, run_dir, resume=resume, progress=False, on_step=record, out_checked=True)
+        seconds = json.loads(timing.read_text())["train_seconds"]
     state = torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=False)
     model = build_run_model(cfg, tuple(state["image_shape"]))
     model.load_state_dict(state["state_dict"])
@@ -212,9 +235,10 @@ def main(argv: list[str]) -> int:
         for run_dir, result in zip(run_dirs, runs):
             print(json.dumps({"run": run_dir.name, **result}), flush=True)
         r = args.restarts
-        seeds = [select(runs[i : i + r]) for i in range(0, len(runs), r)]
+        groups = [runs[i : i + r] for i in range(0, len(runs), r)]
+        seeds = [select(group) for group in groups]
         summary = {k: summarise(s[k] for s in seeds) for k in ("accuracy", "neg_elbo", "nll", "kl", "prior_gap")}
-        summary["train_seconds"] = summarise(sum(x["train_seconds"] for x in runs[i : i + r]) for i in range(0, len(runs), r))
+        summary["train_seconds"] = summarise(sum(x["train_seconds"] for x in group) for group in groups)
         if r > 1:
             summary["accuracy_all_restarts"] = summarise(x["accuracy"] for x in runs)
         report["by_clusters"][str(num_clusters)] = {"name": name, "restarts": r, "seeds": seeds, "summary": summary}

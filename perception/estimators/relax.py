@@ -182,11 +182,10 @@ class _ControlVariate(Estimator):
         dc = None if residual is None else residual.grad
         curvature = train and self.config.loss_hessian and loss_fn is not None
         if loss_fn is not None:
-            rows = s
-            if curvature:
-                step = torch.finfo(s.dtype).eps ** 0.5
-                rows = torch.cat([s, D.relax(self.distribution, points, temperature * math.exp(step))])
-            rows = rows.requires_grad_()
+            step = torch.finfo(s.dtype).eps ** 0.5  # H_f ds/dlog(lambda) by a forward difference:
+            shifted = D.relax(self.distribution, points, temperature * math.exp(step)) if curvature else None
+            rows = torch.cat([s, shifted]) if curvature else s.detach()  # s, then s at log(lambda) + step
+            rows.requires_grad_()
             with torch.enable_grad():
                 f = self._evaluate_rows(loss_fn, rows)  # [R, B]: one call where loss_fn broadcasts
                 (df_all,) = torch.autograd.grad(f, rows, torch.ones_like(f), materialize_grads=True)

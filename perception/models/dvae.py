@@ -162,6 +162,11 @@ def mix(weights: Tensor, placed: Tensor) -> Tensor:
     return (weights[:, :, None, None, None] * placed).sum(1)
 
 
+def usage_gap(usage: Tensor) -> Tensor:
+    """KL(usage || uniform) of class frequencies ``usage`` ``[L]`` (summing to 1), in nats."""
+    return math.log(usage.shape[-1]) + (usage * usage.clamp_min(1e-12).log()).sum(-1)
+
+
 def categorical_kl_uniform(logits: Tensor) -> Tensor:
     """KL(softmax(logits) || uniform) per row."""
     logq = F.log_softmax(logits, dim=-1)
@@ -453,11 +458,10 @@ class DVAE(Encoder):
         live = logits[:, self.alive]  # pruned classes have q = 0: KL and usage over the live ones
         kl_c = categorical_kl_uniform(live)
         loss = est.surrogate.mean() + kl_c.mean()
-        usage = live.softmax(-1).mean(0)
-        usage_gap = math.log(live.shape[1]) + (usage * usage.clamp_min(1e-12).log()).sum()
+        gap = usage_gap(live.softmax(-1).mean(0))
         weight = self.balance_weight(step)
         if weight:
-            loss = loss + weight * usage_gap
+            loss = loss + weight * gap
 
         with torch.no_grad():  # exact expectation over classes for the reported ELBO
             q = logits.softmax(-1)
@@ -468,7 +472,7 @@ class DVAE(Encoder):
             "nll": expected_nll.mean().item(),
             "kl": kl.mean().item(),
             "kl_class": kl_c.mean().item(),
-            "usage_gap": usage_gap.item(),
+            "usage_gap": gap.item(),
         }
         if self.training and cfg.split_every > 0:
             metrics["split_moves"] = float(self.moves)  # accepted so far in this process
