@@ -183,7 +183,7 @@ def run_seed(args: argparse.Namespace, num_clusters: int, seed: int, run_dir: Pa
                 timing.write_text(json.dumps({"train_seconds": earlier + time.perf_counter() - start}) + "\n")
 
         train(cfg, run_dir, resume=resume, progress=False, on_step=record, out_checked=True)
-        seconds = json.loads(timing.read_text())["train_seconds"]
+        seconds = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else earlier
     state = torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=False)
     model = build_run_model(cfg, tuple(state["image_shape"]))
     model.load_state_dict(state["state_dict"])
