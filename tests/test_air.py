@@ -232,3 +232,22 @@ def test_exploration_decays_to_its_floor_and_stays():
     assert tiny("air", explore=0.0).explore_weight(10_000) == 0.0  # the old recipe stays off
     with pytest.raises(PerceptionError, match="explore_floor"):
         tiny("air", explore_floor=1.5)
+
+
+def test_dair_position_is_the_digit_it_reads_not_the_box_centre():
+    """AIR's box is fixed here (scale 0.5 around the canvas centre) and the only ink is a blob
+    8 px right of that centre: DAIR reports where the blob is (the centre of the frame its
+    D-VAE-ST reads), AIR's box centre stays where it was."""
+    model = tiny("dair").eval()
+    with torch.no_grad():
+        model.where_head.weight.zero_()
+        model.where_head.bias.copy_(torch.tensor([-0.6931, 0.0, 0.0, -3.0, -3.0, -3.0]))
+        model.pres_head.weight.zero_()
+        model.pres_head.bias.fill_(5.0)
+    image = torch.zeros(1, *SHAPE)
+    image[0, 0, 28:36, 36:44] = 1.0  # rows (y) 28-35, columns (x) 36-43: centre (40, 32) px
+    out = model.encode(image)
+    position = unit_to_pixels(out.position[0, 0], SHAPE[-1])
+    box = unit_to_pixels(out.slots[0, 0, 1:3], SHAPE[-1])
+    assert torch.allclose(box, torch.tensor([32.0, 32.0]), atol=1e-4)
+    assert torch.allclose(position, torch.tensor([40.0, 32.0]), atol=0.5), position

@@ -21,7 +21,9 @@ noise per call would turn that term into amplified noise. A caller whose loss_fn
 over leading sample dimensions (samples ``[R, B, ...]`` -> losses ``[R, B]``, e.g. elementwise
 maths against per-example tensors ``[B, ...]``) passes ``broadcasts=True``: REBAR, RELAX and
 ``exact`` then evaluate all their samples in one call (on the toy benchmark that removes ~40 of
-RELAX's ~220 ops per step). The toy benchmark uses it; the models' losses do not broadcast yet.
+RELAX's ~220 ops per step). The toy benchmark and AIR's / DAIR's costs (linear in the sample)
+use it. D-VAE's loss (a mixture of prototype images) does not: broadcast, it would materialise
+R x the ``[B, L, C, H, W]`` mixture product at once (``exact`` evaluates R = L states).
 
 Every sampling estimator draws its hard sample as ``hard(perturb(logits, u))`` with ``u =
 uniform(logits)`` its first random draw, so a caller can reproduce the sample beforehand under a

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -235,20 +236,24 @@ class _ControlVariate(Estimator):
         return g, [(self.theta, grad)]
 
 
-@dataclass(frozen=True)
-class _Residual:
+class _Residual(NamedTuple):
     """RELAX's ``r`` at ``[s(z), s(z~)]``: ``value`` ``[B]`` at s(z~) (the only point where the
-    coefficient uses it), ``grad`` = dr/ds at both points, and what its reverse pass needs."""
+    coefficient uses it), ``grad`` = dr/ds at both points, and what its reverse pass needs.
+    (A named tuple: built every step, and cheaper to build than a frozen dataclass.)"""
 
     value: Tensor
     grad: Tensor
     inputs: Tensor  # [2 B V, F]
     w_in: Tensor  # [H, F]
     hidden: Tensor  # tanh activations [2 B V, H]
-    slope: Tensor  # 1 - hidden^2
     out: Tensor  # output weights times scale
-    out_slope: Tensor  # slope * out
+    out_slope: Tensor  # (1 - hidden^2) * out
     scale: Tensor  # r = mean + scale * MLP, from the running cost statistics
+
+
+def _tanh_slope(x: Tensor, a: Tensor) -> Tensor:
+    """``x * (1 - a^2)`` for ``a = tanh(h)`` in one op (the slope itself is never needed)."""
+    return torch.ops.aten.tanh_backward(x, a)
 
 
 def _rows(x: Tensor, dims: int) -> Tensor:
@@ -304,17 +309,16 @@ class Relax(_ControlVariate):
         if context is not None:  # [B, H], the same for both relaxed samples and every variable
             h = (h.view(2, batch, variables, -1) + F.linear(context, w_ctx).unsqueeze(1)).view(h.shape)
         a = torch.tanh(h)
-        slope = 1.0 - a * a
         scale = self.cost.var.sqrt()
         out = w_out * scale
-        out_slope = slope * out
+        out_slope = _tanh_slope(out, a)
         level = torch.addcmul(self.cost.mean, b_out, scale, value=variables)
         tilde = a[len(x) // 2 :]  # [B V, H] at s(z~)
         if variables == 1:
             value = torch.addmv(level, tilde, out)
         else:
             value = (tilde @ out).view(batch, variables).sum(1) + level
-        return _Residual(value, (out_slope @ w_in).view(relaxed.shape), x, w_in, a, slope, out, out_slope, scale)
+        return _Residual(value, (out_slope @ w_in).view(relaxed.shape), x, w_in, a, out, out_slope, scale)
 
     def _level(self) -> Tensor:
         return self.cost.mean
@@ -338,17 +342,17 @@ class Relax(_ControlVariate):
         """Gradients of ``<value_bar, r(s(z~))> + <grad_bar, dr/ds>`` (``value_bar`` ``[B]``,
         ``grad_bar`` at both points) for the network's pieces; adds the derivative in the relaxed
         samples to ``s_bar`` in place."""
-        x, w_in, a, slope = res.inputs, res.w_in, res.hidden, res.slope
+        x, w_in, a = res.inputs, res.w_in, res.hidden
         grad_bar = grad_bar.reshape(x.shape)
         batch, half = len(value_bar), len(x) // 2
         y = F.linear(grad_bar, w_in)  # [2 B V, H]
-        y_slope = y * slope
+        y_slope = _tanh_slope(y, a)
         a_bar = (a * y).mul_(res.out * -2.0)  # from dr/ds = (slope * out) @ w_in
         variables = half // batch
         # r enters c at s(z~) only, once per variable
         per_row = value_bar if variables == 1 else value_bar.view(-1, 1).expand(batch, variables).reshape(-1)
         a_bar[half:].addr_(per_row, res.out)
-        h_bar = a_bar.mul_(slope)
+        h_bar = _tanh_slope(a_bar, a)
         grads = [
             torch.addmm(h_bar.T @ x, res.out_slope.T, grad_bar),  # w_in
             h_bar.sum(0),  # b_in

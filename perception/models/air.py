@@ -103,6 +103,7 @@ class ObjectCode(NamedTuple):
     class_probs: Tensor | None = None  # [B, classes]
     aux_loss: Tensor | None = None  # [B] extra per-object training loss (not in the ELBO)
     log_ratio: Tensor | None = None  # [B] log p(latents) - log q(latents) at the values used
+    centre: Tensor | None = None  # [B, 2] where the object sits in its glimpse (glimpse units); None: the glimpse centre
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -210,12 +211,16 @@ class AIR(Encoder):
         p = torch.sigmoid(steps.pres_logits)
         previous = torch.cat([torch.ones_like(steps.on[:, :1]), steps.on[:, :-1]], dim=1)
         where = steps.where
-        slots = torch.cat([where[..., :1].exp(), where[..., 1:], torch.stack([o.features for o in steps.objects], 1)], -1)
+        scale = where[..., :1].exp()
+        slots = torch.cat([scale, where[..., 1:], torch.stack([o.features for o in steps.objects], 1)], -1)
         probs = [o.class_probs for o in steps.objects]
+        offsets = [o.centre for o in steps.objects]
+        # the position of the object the object model read (DAIR: its digit's frame), else the box centre
+        position = where[..., 1:] if offsets[0] is None else where[..., 1:] + scale * torch.stack(offsets, 1)
         return EncoderOutput(
             slots=slots,
             presence=p * previous,
-            position=where[..., 1:],
+            position=position,
             class_probs=None if probs[0] is None else torch.stack(probs, 1),
         )
 
@@ -342,7 +347,7 @@ class AIR(Encoder):
         count_kl = (q * (log_q - self.count_prior(k, step, x))).sum(-1)
         neg_elbo = (q * costs).sum(-1) + count_kl
         if self.training:
-            est = self.estimator(log_q, lambda s: (s * costs).sum(-1), context=steps.embedding)
+            est = self.estimator(log_q, lambda s: (s * costs).sum(-1), context=steps.embedding, broadcasts=True)
             loss = est.surrogate + count_kl
             loss = loss + self.explore_weight(step) * costs.mean(-1)
         else:  # evaluation: the exact expectation over counts, no estimator needed
