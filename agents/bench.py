@@ -4,9 +4,11 @@ Learning (default): for every env x encoder x seed, ``agents.train`` runs for ``
 env steps into ``OUT/runs/ENV-ENCODER-sSEED`` (an existing run is resumed, so an interrupted
 benchmark continues). The final return of a run is the mean, over its last ``FINAL_WINDOW``
 training iterations, of RLlib's ``episode_return_mean`` (episodes sampled with the stochastic
-policy while training; one-step tasks finish ~1,000 episodes per iteration, Collect ~20). Writes
-``OUT/learning.json`` (per run: final return, curve, wall time; per env and encoder: mean over
-seeds and the ratio to the oracle) and one ``OUT/curves-ENV.png`` per env. Encoders are given as
+policy while training; one-step tasks finish ~1,000 episodes per iteration, Collect ~20). Each
+finished run is also evaluated greedily on ``--eval-episodes`` fresh episodes
+(:func:`agents.evaluate.greedy_return`; 0 skips it). Writes ``OUT/learning.json`` (per run: final
+and greedy return, curve, wall time; per env and encoder: means over seeds and their ratios to the
+oracle's) and one ``OUT/curves-ENV.png`` per env. Encoders are given as
 in ``agents.train --encoder`` (``lavae@4``, ``lavae@4+air``).
 
 ``--throughput``: env steps per second through :class:`envs.VectorObjectSlots` with the ONNX
@@ -34,6 +36,7 @@ import numpy as np
 from perception.train.loop import json_safe
 
 from agents.environment import ObservationSource, encoder_tag
+from agents.evaluate import greedy_return
 from envs.encoders import BACKENDS, REPRESENTATIONS
 from agents.train import PPOSettings, RunConfig, train
 from perception.errors import PerceptionError
@@ -49,8 +52,7 @@ def _env_id(name: str) -> str:
 def run_one(args: argparse.Namespace, out: Path, env: str, encoder: str, seed: int) -> dict[str, Any]:
     """Train (or resume) one run; a failed run is a result too: recorded with its error."""
     source = ObservationSource(_env_id(env), encoder, args.backend, args.representation, args.env_kwargs)
-    prototypes = "-prototypes" if args.representation == "prototypes" and source.uses_encoder else ""
-    run_dir = out / "runs" / f"{env}-{encoder_tag(encoder)}{prototypes}-s{seed}"
+    run_dir = out / "runs" / f"{env}-{source.tag}-s{seed}"
     run = RunConfig(source, args.timesteps, seed, PPOSettings(num_envs=args.num_envs))
     record: dict[str, Any] = {"env": env, "encoder": encoder, "seed": seed, "dir": str(run_dir)}
     try:
@@ -60,13 +62,20 @@ def run_one(args: argparse.Namespace, out: Path, env: str, encoder: str, seed: i
         print(f"{env} {encoder} seed {seed}: FAILED {record['error']}", file=sys.stderr)
         return record
     finals = [h["episode_return_mean"] for h in history[-FINAL_WINDOW:]]
+    if args.eval_episodes:
+        try:
+            record["greedy_return"] = greedy_return(run_dir, args.eval_episodes)
+        except Exception as exc:  # the training result stands; the evaluation's failure is recorded
+            record["eval_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            print(f"{env} {encoder} seed {seed}: greedy evaluation FAILED {record['eval_error']}", file=sys.stderr)
     record.update(
         final_return=float(np.mean(finals)),
         env_steps=history[-1]["env_steps"],
         wall_s=history[-1]["wall_s"],
         curve=[[h["env_steps"], h["episode_return_mean"]] for h in history],
     )
-    print(f"{env} {encoder} seed {seed}: final return {record['final_return']:.3f} "
+    greedy = f", greedy {record['greedy_return']:.3f}" if "greedy_return" in record else ""
+    print(f"{env} {encoder} seed {seed}: final return {record['final_return']:.3f}{greedy} "
           f"({record['env_steps']:.0f} steps, {record['wall_s']:.0f} s)", flush=True)  # fmt: skip
     return record
 
@@ -99,15 +108,20 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for encoder in dict.fromkeys(r["encoder"] for r in runs if r["env"] == env):
             mine = [r for r in runs if r["env"] == env and r["encoder"] == encoder]
             finals = [r["final_return"] for r in mine if "final_return" in r]
+            greedy = [r["greedy_return"] for r in mine if "greedy_return" in r]
             per_encoder[encoder] = {
                 "final_return_mean": float(np.mean(finals)) if finals else math.nan,
                 "final_return_per_seed": finals,
+                "greedy_return_mean": float(np.mean(greedy)) if greedy else math.nan,
+                "greedy_return_per_seed": greedy,
                 "failed_runs": sum(1 for r in mine if "error" in r),
             }
-        oracle = per_encoder.get("oracle", {}).get("final_return_mean", math.nan)
-        for stats in per_encoder.values():
-            usable = oracle and math.isfinite(oracle)
-            stats["fraction_of_oracle"] = stats["final_return_mean"] / oracle if usable else math.nan
+        for key in ("final_return", "greedy_return"):
+            oracle = per_encoder.get("oracle", {}).get(f"{key}_mean", math.nan)
+            for stats in per_encoder.values():
+                usable = oracle and math.isfinite(oracle)
+                name = "fraction_of_oracle" if key == "final_return" else "greedy_fraction_of_oracle"
+                stats[name] = stats[f"{key}_mean"] / oracle if usable else math.nan
         summary[env] = per_encoder
     return summary
 
@@ -227,6 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--representation", default="slots", choices=REPRESENTATIONS, help="for encoders")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--timesteps", type=int, default=20_000)
+    parser.add_argument("--eval-episodes", type=int, default=500, help="greedy evaluation episodes per run (0: none)")
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--throughput", action="store_true", help="measure VectorObjectSlots throughput instead")
@@ -236,6 +251,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench_results/agents")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.eval_episodes < 0:
+        parser.error(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
     args.envs = [e for e in args.envs.split(",") if e]
     args.encoders = [e for e in args.encoders.split(",") if e]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -85,6 +85,13 @@ class ObservationSource:
         return self.encoder not in SOURCES_WITHOUT_ENCODER
 
     @property
+    def tag(self) -> str:
+        """The observation's name in run directories: the encoder's tag, ``-prototypes`` when
+        that is the representation (so slot and prototype runs never share a directory)."""
+        prototypes = self.representation == "prototypes" and self.uses_encoder
+        return encoder_tag(self.encoder) + ("-prototypes" if prototypes else "")
+
+    @property
     def members(self) -> list[tuple[str, int | None, str | None]]:
         return parse_encoder_spec(self.encoder)
 

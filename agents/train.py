@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.environment import RLLIB_ENV_NAME, ObservationSource, encoder_tag, rllib_env_creator
+from agents.environment import RLLIB_ENV_NAME, ObservationSource, rllib_env_creator
 from envs.encoders import BACKENDS, REPRESENTATIONS
 from perception.errors import OutputExistsError, PerceptionError
 
@@ -186,7 +186,7 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, argparse.Namespace]:
     source = ObservationSource(args.env, args.encoder, args.backend, args.representation, env_kwargs)
     ppo = PPOSettings(num_envs=args.num_envs, train_batch=args.train_batch, lr=args.lr)
     if args.out is None:
-        args.out = f"runs/agents/{args.env}-{encoder_tag(args.encoder)}-s{args.seed}"
+        args.out = f"runs/agents/{args.env}-{source.tag}-s{args.seed}"
     return RunConfig(source, args.timesteps, args.seed, ppo), args
 
 

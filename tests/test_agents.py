@@ -122,6 +122,16 @@ def test_ppo_trains_checkpoints_and_resumes(ray_session, tmp_path):
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["env_steps"] for line in lines] == [h["env_steps"] for h in history]
 
+    from agents.evaluate import greedy_return
+
+    first = greedy_return(tmp_path, episodes=20)
+    assert 0.0 <= first <= 1.0 and greedy_return(tmp_path, episodes=20) == first  # argmax actions, fixed seeds
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    (untrained / "run.json").write_text((tmp_path / "run.json").read_text())
+    with pytest.raises(PerceptionError, match="no trained agent"):
+        greedy_return(untrained, episodes=1)
+
 
 @pytest.mark.parametrize("encoder", ["vae", "pixels"])
 def test_ppo_iteration_on_slots_and_pixels(ray_session, vae_checkpoint, encoder):
@@ -165,6 +175,17 @@ def test_encoder_spec_sets_one_encoders_representation():
     assert parse_encoder_spec("c:/x/air.onnx") == [("c:/x/air.onnx", None, None)]  # not a representation
     with pytest.raises(PerceptionError, match="NAME"):
         parse_encoder_spec("air+:prototypes")
+
+
+def test_slot_and_prototype_runs_get_their_own_default_directory():
+    from agents.train import parse_args
+
+    slots = parse_args(["--env", "MultiMNIST-Count-v0", "--encoder", "dair"])[1].out
+    prototypes = parse_args(["--env", "MultiMNIST-Count-v0", "--encoder", "dair", "--representation", "prototypes"])[1].out
+    assert slots == "runs/agents/MultiMNIST-Count-v0-dair-s0"
+    assert prototypes == "runs/agents/MultiMNIST-Count-v0-dair-prototypes-s0"
+    oracle = parse_args(["--env", "MultiMNIST-Count-v0", "--encoder", "oracle", "--representation", "prototypes"])[1].out
+    assert oracle == "runs/agents/MultiMNIST-Count-v0-oracle-s0"  # no encoder, no representation
 
 
 def test_probe_reports_what_the_slots_hold(vae_checkpoint, tmp_path):
