@@ -115,6 +115,7 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 "greedy_return_mean": float(np.mean(greedy)) if greedy else math.nan,
                 "greedy_return_per_seed": greedy,
                 "failed_runs": sum(1 for r in mine if "error" in r),
+                "failed_evaluations": sum(1 for r in mine if "eval_error" in r),
             }
         for key in ("final_return", "greedy_return"):
             oracle = per_encoder.get("oracle", {}).get(f"{key}_mean", math.nan)

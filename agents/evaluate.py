@@ -25,19 +25,33 @@ from agents.environment import ObservationSource, make_env
 from perception.errors import PerceptionError
 
 EVAL_SEED = 1_000_000
-MODULE_PATH = ("checkpoint", "learner_group", "learner", "rl_module", "default_policy")
 
 
 def load_module(run_dir: str | Path) -> Any:
     """The trained RLModule of a run directory (``agents.train`` / ``agents.bench``), in eval mode."""
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    path = Path(run_dir).joinpath(*MODULE_PATH)
+    parts = ("checkpoint", COMPONENT_LEARNER_GROUP, COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID)
+    path = Path(run_dir).joinpath(*parts)
     if not path.is_dir():
         raise PerceptionError(f"{run_dir}: no trained agent to evaluate (expected {path})")
-    module = RLModule.from_checkpoint(str(path.resolve()))
+    try:
+        module = RLModule.from_checkpoint(str(path.resolve()))
+    except Exception as exc:  # a truncated or foreign checkpoint: one line, not RLlib's traceback
+        raise PerceptionError(f"{path}: cannot load the agent ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
     module.eval()
     return module
+
+
+def _source(run_dir: str | Path) -> ObservationSource:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise PerceptionError(f"{run_dir}: no run.json (not an agents run directory)")
+    try:
+        return ObservationSource(**json.loads(path.read_text())["source"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PerceptionError(f"{path}: not a run description ({type(exc).__name__}: {exc})") from exc
 
 
 def _batch(obs: Any) -> Any:
@@ -55,10 +69,7 @@ def greedy_return(run_dir: str | Path, episodes: int, seed: int = EVAL_SEED) -> 
 
     if episodes < 1:
         raise PerceptionError(f"episodes must be >= 1, got {episodes}")
-    run_json = Path(run_dir) / "run.json"
-    if not run_json.is_file():
-        raise PerceptionError(f"{run_dir}: no run.json (not an agents run directory)")
-    source = ObservationSource(**json.loads(run_json.read_text())["source"])
+    source = _source(run_dir)
     module = load_module(run_dir)
     env = make_env(source)
     returns = []
@@ -86,15 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=500)
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the first episode")
     args = parser.parse_args(argv)
+    if args.episodes < 1:
+        parser.error(f"--episodes must be >= 1, got {args.episodes}")
     torch.set_num_threads(1)
-    for run_dir in args.run_dirs:
+    failed = 0
+    for run_dir in args.run_dirs:  # a bad directory is reported and skipped; the others still run
         try:
             value = greedy_return(run_dir, args.episodes, args.seed)
         except PerceptionError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
         print(json.dumps({"run": str(run_dir), "episodes": args.episodes, "greedy_return": value}), flush=True)
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def ray_session():
 TINY = dict(num_envs=4, train_batch=128, minibatch=64, epochs=1, hidden=16)
 
 
-def test_ppo_trains_checkpoints_and_resumes(ray_session, tmp_path):
+def test_ppo_trains_checkpoints_and_resumes(ray_session, tmp_path, capsys):
     from agents.train import PPOSettings, RunConfig, train
 
     run = RunConfig(ObservationSource("MultiMNIST-Count-v0", "oracle"), timesteps=128, ppo=PPOSettings(**TINY))
@@ -122,15 +122,42 @@ def test_ppo_trains_checkpoints_and_resumes(ray_session, tmp_path):
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["env_steps"] for line in lines] == [h["env_steps"] for h in history]
 
-    from agents.evaluate import greedy_return
+    from agents.environment import make_env
+    from agents.evaluate import EVAL_SEED, greedy_return, load_module
+    from agents.evaluate import main as evaluate_main
 
-    first = greedy_return(tmp_path, episodes=20)
-    assert 0.0 <= first <= 1.0 and greedy_return(tmp_path, episodes=20) == first  # argmax actions, fixed seeds
+    # one Count episode by hand: the highest-logit action on the first evaluation seed
+    module, env = load_module(tmp_path), make_env(run.source)
+    obs, _ = env.reset(seed=EVAL_SEED)
+    batch = {key: torch.from_numpy(value)[None] for key, value in obs.items()}
+    with torch.no_grad():
+        action = int(module.forward_inference({Columns.OBS: batch})[Columns.ACTION_DIST_INPUTS][0].argmax())
+    assert greedy_return(tmp_path, episodes=1) == env.step(action)[1]
+    assert 0.0 <= greedy_return(tmp_path, episodes=20) <= 1.0
+
     untrained = tmp_path / "untrained"
     untrained.mkdir()
     (untrained / "run.json").write_text((tmp_path / "run.json").read_text())
     with pytest.raises(PerceptionError, match="no trained agent"):
         greedy_return(untrained, episodes=1)
+    assert evaluate_main([str(untrained), str(tmp_path), "--episodes", "2"]) == 2  # reports, then goes on
+    out, err = capsys.readouterr()
+    assert "no trained agent" in err and json.loads(out.strip().splitlines()[-1])["run"] == str(tmp_path)
+
+
+def test_bench_summary_keeps_failed_evaluations_apart():
+    from agents.bench import summarize_runs
+
+    runs = [
+        {"env": "Count", "encoder": "air", "final_return": 0.8, "greedy_return": 0.9},
+        {"env": "Count", "encoder": "air", "final_return": 0.6, "eval_error": "RuntimeError: x"},
+        {"env": "Count", "encoder": "oracle", "final_return": 1.0, "greedy_return": 1.0},
+        {"env": "Count", "encoder": "oracle", "error": "RuntimeError: y"},
+    ]
+    air, oracle = summarize_runs(runs)["Count"]["air"], summarize_runs(runs)["Count"]["oracle"]
+    assert air["final_return_mean"] == pytest.approx(0.7) and air["fraction_of_oracle"] == pytest.approx(0.7)
+    assert air["greedy_return_per_seed"] == [0.9] and air["greedy_fraction_of_oracle"] == pytest.approx(0.9)
+    assert air["failed_evaluations"] == 1 and oracle["failed_runs"] == 1
 
 
 @pytest.mark.parametrize("encoder", ["vae", "pixels"])

@@ -347,7 +347,7 @@ class Relax(_ControlVariate):
         batch, half = len(value_bar), len(x) // 2
         y = F.linear(grad_bar, w_in)  # [2 B V, H]
         y_slope = _tanh_slope(y, a)
-        a_bar = (a * y).mul_(res.out * -2.0)  # from dr/ds = (slope * out) @ w_in
+        a_bar = (a * y).mul_(res.out * -2.0)  # from dr/ds = ((1 - a^2) * out) @ w_in
         variables = half // batch
         # r enters c at s(z~) only, once per variable
         per_row = value_bar if variables == 1 else value_bar.view(-1, 1).expand(batch, variables).reshape(-1)
