@@ -117,12 +117,11 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 "failed_runs": sum(1 for r in mine if "error" in r),
                 "failed_evaluations": sum(1 for r in mine if "eval_error" in r),
             }
-        for key in ("final_return", "greedy_return"):
-            oracle = per_encoder.get("oracle", {}).get(f"{key}_mean", math.nan)
+        for key, ratio in (("final_return_mean", "fraction_of_oracle"), ("greedy_return_mean", "greedy_fraction_of_oracle")):
+            oracle = per_encoder.get("oracle", {}).get(key, math.nan)
+            usable = oracle and math.isfinite(oracle)
             for stats in per_encoder.values():
-                usable = oracle and math.isfinite(oracle)
-                name = "fraction_of_oracle" if key == "final_return" else "greedy_fraction_of_oracle"
-                stats[name] = stats[f"{key}_mean"] / oracle if usable else math.nan
+                stats[ratio] = stats[key] / oracle if usable else math.nan
         summary[env] = per_encoder
     return summary
 

@@ -154,7 +154,8 @@ def test_bench_summary_keeps_failed_evaluations_apart():
         {"env": "Count", "encoder": "oracle", "final_return": 1.0, "greedy_return": 1.0},
         {"env": "Count", "encoder": "oracle", "error": "RuntimeError: y"},
     ]
-    air, oracle = summarize_runs(runs)["Count"]["air"], summarize_runs(runs)["Count"]["oracle"]
+    summary = summarize_runs(runs)["Count"]
+    air, oracle = summary["air"], summary["oracle"]
     assert air["final_return_mean"] == pytest.approx(0.7) and air["fraction_of_oracle"] == pytest.approx(0.7)
     assert air["greedy_return_per_seed"] == [0.9] and air["greedy_fraction_of_oracle"] == pytest.approx(0.9)
     assert air["failed_evaluations"] == 1 and oracle["failed_runs"] == 1
