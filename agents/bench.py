@@ -117,7 +117,8 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 "failed_runs": sum(1 for r in mine if "error" in r),
                 "failed_evaluations": sum(1 for r in mine if "eval_error" in r),
             }
-        for key, ratio in (("final_return_mean", "fraction_of_oracle"), ("greedy_return_mean", "greedy_fraction_of_oracle")):
+        ratios = (("final_return_mean", "fraction_of_oracle"), ("greedy_return_mean", "greedy_fraction_of_oracle"))
+        for key, ratio in ratios:
             oracle = per_encoder.get("oracle", {}).get(key, math.nan)
             usable = oracle and math.isfinite(oracle)
             for stats in per_encoder.values():
