@@ -447,6 +447,19 @@ def test_relax_hand_written_derivatives_match_autograd(dist, variables):
         torch.testing.assert_close(grad, want, msg=piece)
 
 
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_a_loss_that_ignores_the_sample_gives_zero_relaxed_derivatives(name):
+    """df/ds comes straight from autograd's engine: where loss_fn does not read the sample it is
+    zero (as with torch.autograd.grad's materialize_grads), not an error, and the loss's own
+    parameters get their pathwise gradient."""
+    w = torch.tensor(0.7, requires_grad=True)
+    logits = torch.zeros(4, 3, requires_grad=True)
+    est = build(name, "categorical")
+    est(logits, lambda c: w.expand(len(c)) * 2.0).surrogate.mean().backward()
+    torch.testing.assert_close(w.grad, torch.tensor(2.0))
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(est.theta.grad).all()
+
+
 def test_relax_first_training_call_is_centred_and_unbiased():
     """The running cost statistics start from an independent extra draw, so even the very first
     estimate is centred (low variance under a loss offset) and stays unbiased."""
