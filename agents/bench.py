@@ -6,7 +6,8 @@ benchmark continues). The final return of a run is the mean, over its last ``FIN
 training iterations, of RLlib's ``episode_return_mean`` (episodes sampled with the stochastic
 policy while training; one-step tasks finish ~1,000 episodes per iteration, Collect ~20). Each
 finished run is also evaluated greedily on ``--eval-episodes`` fresh episodes
-(:func:`agents.evaluate.greedy_return`; 0 skips it). Writes ``OUT/learning.json`` (per run: final
+(:func:`agents.evaluate.greedy_return`; 0 skips it; remembered in the run directory for the
+checkpoint it scored, so re-invoking the bench does not replay it). Writes ``OUT/learning.json`` (per run: final
 and greedy return, curve, wall time; per env and encoder: means over seeds and their ratios to the
 oracle's) and one ``OUT/curves-ENV.png`` per env. Encoders are given as
 in ``agents.train --encoder`` (``lavae@4``, ``lavae@4+air``).
@@ -36,7 +37,7 @@ import numpy as np
 from perception.train.loop import json_safe
 
 from agents.environment import ObservationSource, encoder_tag
-from agents.evaluate import greedy_return
+from agents.evaluate import EVAL_SEED, greedy_return
 from envs.encoders import BACKENDS, REPRESENTATIONS
 from agents.train import PPOSettings, RunConfig, train
 from perception.errors import PerceptionError
@@ -64,7 +65,7 @@ def run_one(args: argparse.Namespace, out: Path, env: str, encoder: str, seed: i
     finals = [h["episode_return_mean"] for h in history[-FINAL_WINDOW:]]
     if args.eval_episodes:
         try:
-            record["greedy_return"] = greedy_return(run_dir, args.eval_episodes)
+            record["greedy_return"] = cached_greedy_return(run_dir, args.eval_episodes, history[-1]["env_steps"])
         except Exception as exc:  # the training result stands; the evaluation's failure is recorded
             record["eval_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             print(f"{env} {encoder} seed {seed}: greedy evaluation FAILED {record['eval_error']}", file=sys.stderr)
@@ -80,17 +81,35 @@ def run_one(args: argparse.Namespace, out: Path, env: str, encoder: str, seed: i
     return record
 
 
+def cached_greedy_return(run_dir: Path, episodes: int, env_steps: float) -> float:
+    """:func:`greedy_return`, remembered in ``run_dir/greedy.json`` for the checkpoint it scored
+    (its env steps): re-invoking the bench over finished runs does not re-play their episodes
+    (deterministic, ~15 s to a few minutes per run)."""
+    path = run_dir / "greedy.json"
+    key = {"episodes": episodes, "seed": EVAL_SEED, "env_steps": env_steps}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in key} == key:
+            return float(saved["greedy_return"])
+    value = greedy_return(run_dir, episodes)
+    path.write_text(json.dumps({**key, "greedy_return": value}))
+    return value
+
+
 def run_learning(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import ray
 
     for env, encoder in itertools.product(args.envs, args.encoders):  # a bad env, backend or spec syntax fails before any run trains
         ObservationSource(_env_id(env), encoder, args.backend, args.representation, args.env_kwargs)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    own_session = not ray.is_initialized()  # a caller's (e.g. a test's) Ray session is used as it is
+    if own_session:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     grid = itertools.product(args.envs, args.encoders, range(args.seeds))
     try:
         runs = [run_one(args, out, env, encoder, seed) for env, encoder, seed in grid]
     finally:
-        ray.shutdown()
+        if own_session:
+            ray.shutdown()
     summary = summarize_runs(runs)
     result = {
         "command": args.command, "timesteps": args.timesteps, "seeds": args.seeds,

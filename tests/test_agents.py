@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -135,6 +136,17 @@ def test_ppo_trains_checkpoints_and_resumes(ray_session, tmp_path, capsys):
     assert greedy_return(tmp_path, episodes=1) == env.step(action)[1]
     assert 0.0 <= greedy_return(tmp_path, episodes=20) <= 1.0
 
+    # the bench remembers a run's greedy return for the checkpoint it scored, and only for it
+    from agents.bench import cached_greedy_return
+
+    steps = history[-1]["env_steps"]
+    assert cached_greedy_return(tmp_path, 3, steps) == greedy_return(tmp_path, episodes=3)
+    saved = json.loads((tmp_path / "greedy.json").read_text())
+    (tmp_path / "greedy.json").write_text(json.dumps({**saved, "greedy_return": 42.0}))
+    assert cached_greedy_return(tmp_path, 3, steps) == 42.0  # served, not replayed
+    assert cached_greedy_return(tmp_path, 3, steps + 1) == greedy_return(tmp_path, episodes=3)  # newer checkpoint
+    assert cached_greedy_return(tmp_path, 2, steps + 1) == greedy_return(tmp_path, episodes=2)  # other budget
+
     untrained = tmp_path / "untrained"
     untrained.mkdir()
     (untrained / "run.json").write_text((tmp_path / "run.json").read_text())
@@ -143,6 +155,29 @@ def test_ppo_trains_checkpoints_and_resumes(ray_session, tmp_path, capsys):
     assert evaluate_main([str(untrained), str(tmp_path), "--episodes", "2"]) == 2  # reports, then goes on
     out, err = capsys.readouterr()
     assert "no trained agent" in err and json.loads(out.strip().splitlines()[-1])["run"] == str(tmp_path)
+
+
+def test_bench_learning_end_to_end_and_re_invocation(ray_session, tmp_path):
+    """`python -m agents.bench` trains each run, scores it greedily, writes JSON and curves; run
+    again over the finished runs it neither retrains nor replays, and reports the same numbers."""
+    from agents.bench import main as bench_main
+
+    argv = ["--envs", "Count", "--encoders", "oracle", "--seeds", "1", "--timesteps", "64",
+            "--eval-episodes", "3", "--num-envs", "4", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert bench_main(argv) == 0
+    first = json.loads((tmp_path / "learning.json").read_text())
+    (run,) = first["runs"]
+    run_dir = Path(run["dir"])
+    assert run_dir.parent == tmp_path / "runs" and (tmp_path / "curves-Count.png").is_file()
+    assert math.isfinite(run["final_return"]) and 0.0 <= run["greedy_return"] <= 1.0
+    assert first["summary"]["Count"]["oracle"]["fraction_of_oracle"] == pytest.approx(1.0)
+    history = (run_dir / "history.jsonl").read_text()
+    greedy = json.loads((run_dir / "greedy.json").read_text())
+    (run_dir / "greedy.json").write_text(json.dumps({**greedy, "greedy_return": 0.125}))
+    assert bench_main(argv) == 0
+    (again,) = json.loads((tmp_path / "learning.json").read_text())["runs"]
+    assert (run_dir / "history.jsonl").read_text() == history  # not retrained
+    assert again["greedy_return"] == 0.125 and again["final_return"] == run["final_return"]  # not replayed
 
 
 def test_bench_summary_keeps_failed_evaluations_apart():

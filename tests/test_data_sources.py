@@ -159,7 +159,7 @@ def test_procedural_test_split_is_a_different_stream():
 def test_registered_names():
     assert set(DATASETS.names()) == {
         "multi-mnist", "multi-mnist-thesis", "multi-mnist-lavae", "multi-dsprites",
-        "multi-dsprites-binary", "tetris", "mnist", "simplified-mnist", "fashion-mnist",
+        "multi-dsprites-binary", "tetris", "mnist", "mnist-20px", "simplified-mnist", "fashion-mnist",
     }  # fmt: skip
 
 
@@ -232,6 +232,27 @@ def test_single_sets_ground_truth():
     assert len(full) == 360  # size=None: the whole held-out split
     some = make_dataset("mnist", split="test", size=50, seed=3)
     assert np.unique(some.extra["digit_index"]).size == 50
+
+
+def test_mnist_20px_digits_are_what_canonical_scenes_draw():
+    """Each mnist-20px image is the 20x20 patch a canonical scene pastes for that digit, read back
+    at 28x28 with the library's one resampler (what DAIR's object model sees)."""
+    from perception.data.digits import resize_images
+
+    scenes = make_dataset("multi-mnist", split="test", size=40, seed=2, min_digits=1, max_digits=1)
+    single = make_dataset("mnist-20px", split="test")
+    row_of = {int(d): i for i, d in enumerate(single.extra["digit_index"][:, 0])}
+    for i in range(len(scenes)):
+        x0, y0, x1, y1 = scenes.boxes[i, 0].astype(int)
+        patch = scenes.images[i, 0, y0:y1, x0:x1]
+        j = row_of[int(scenes.extra["digit_index"][i, 0])]
+        np.testing.assert_array_equal(single.images[j, 0], resize_images(patch[None], 28)[0])
+        assert single.labels[j, 0] == scenes.labels[i, 0]
+    plain = make_dataset("mnist", split="test")
+    assert not np.array_equal(plain.images, single.images)
+    assert "drawn at 20 px" in single.description
+    with pytest.raises(PerceptionError, match="render_size"):
+        make_dataset("mnist", render_size=40)
 
 
 # --- cache -------------------------------------------------------------------------------------

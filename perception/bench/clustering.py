@@ -39,7 +39,7 @@ from perception.metrics import clustering_accuracy, summarise
 from perception.train.config import TrainConfig
 from perception.train.images import image_grid
 
-DATASETS = ("mnist", "simplified-mnist", "fashion-mnist")
+DATASETS = ("mnist", "mnist-20px", "simplified-mnist", "fashion-mnist")
 MODELS = ("dvae", "dvaest")
 
 

@@ -61,6 +61,9 @@ DATASETS.register("multi-dsprites-binary")(
 )
 DATASETS.register("tetris")(DatasetSpec(TetrisConfig(), _procedural(generate_tetris)))
 DATASETS.register("mnist")(DatasetSpec(SingleConfig(), generate_single, "auto", whole_split=True))
+DATASETS.register("mnist-20px")(  # MNIST digits as canonical Multi-MNIST scenes draw them (DAIR's object model)
+    DatasetSpec(SingleConfig(render_size=PRESETS["canonical"].digit_size), generate_single, "auto", whole_split=True)
+)
 DATASETS.register("simplified-mnist")(
     DatasetSpec(SingleConfig(classes=(2, 6, 9)), generate_single, "auto", whole_split=True)
 )

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from perception.data.digits import DigitPool
+from perception.data.digits import DigitPool, resize_images
 from perception.data.types import Scenes
 from perception.errors import PerceptionError
 
@@ -22,11 +22,17 @@ SEGMENT_THRESHOLD = 25  # uint8 intensity > 25.5, i.e. > 0.1 of full scale
 @dataclass(frozen=True)
 class SingleConfig:
     classes: tuple[int, ...] = ()  # empty: every class
+    # 0: the pool's own images. Else each is resized to render_size px and back to 28 px: a digit
+    # as a scene draws it (canonical Multi-MNIST: 20 px) and an object model reads it back (DAIR's
+    # 28x28 frames), so a single-digit model can train on what it will see inside scenes.
+    render_size: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
         if any(not 0 <= c <= 9 for c in self.classes):
             raise PerceptionError(f"single-object set: classes must be in 0-9, got {list(self.classes)}")
+        if not 0 <= self.render_size <= 28:
+            raise PerceptionError(f"single-object set: render_size must be in 0-28, got {self.render_size}")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -34,7 +40,8 @@ class SingleConfig:
 
     def describe(self, pool: DigitPool) -> str:
         which = f"classes {', '.join(map(str, self.classes))} of " if self.classes else ""
-        return f"28x28, one object per image, {which}{pool.describe()}"
+        drawn = f" drawn at {self.render_size} px" if self.render_size else ""
+        return f"28x28, one object per image{drawn}, {which}{pool.describe()}"
 
 
 def generate_single(
@@ -51,6 +58,8 @@ def generate_single(
             )
         eligible = np.sort(np.random.default_rng(seed).choice(eligible, n, replace=False))
     images = pool.images[eligible]
+    if config.render_size:
+        images = resize_images(pool.resized(config.render_size)[eligible], images.shape[-1])
     lit = images > 0
     cols, rows = lit.any(1), lit.any(2)
     has = cols.any(1)
