@@ -82,17 +82,32 @@ def run_one(args: argparse.Namespace, out: Path, env: str, encoder: str, seed: i
 
 
 def cached_greedy_return(run_dir: Path, episodes: int, env_steps: float) -> float:
-    """:func:`greedy_return`, remembered in ``run_dir/greedy.json`` for the checkpoint it scored
-    (its env steps): re-invoking the bench over finished runs does not re-play their episodes
-    (deterministic, ~15 s to a few minutes per run)."""
+    """:func:`greedy_return`, remembered in ``run_dir/greedy.json`` for what it scored: episodes,
+    first seed, the run's observation source (``run.json``) and its checkpoint (env steps and the
+    checkpoint directory's modification time, so a retrained run is scored again). Re-invoking the
+    bench over finished runs then does not replay their episodes (deterministic, ~15 s to a few
+    minutes per run). An unreadable cache file is a miss; failing to write one only warns."""
     path = run_dir / "greedy.json"
-    key = {"episodes": episodes, "seed": EVAL_SEED, "env_steps": env_steps}
-    if path.is_file():
+    key = {
+        "episodes": episodes,
+        "seed": EVAL_SEED,
+        "env_steps": env_steps,
+        "source": json.loads((run_dir / "run.json").read_text())["source"],
+        "checkpoint_mtime_ns": (run_dir / "checkpoint").stat().st_mtime_ns,
+    }
+    try:
         saved = json.loads(path.read_text())
-        if {k: saved.get(k) for k in key} == key:
+        if {k: saved[k] for k in key} == key:
             return float(saved["greedy_return"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     value = greedy_return(run_dir, episodes)
-    path.write_text(json.dumps({**key, "greedy_return": value}))
+    try:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps({**key, "greedy_return": value}))
+        partial.replace(path)
+    except OSError as exc:
+        print(f"warning: could not cache the greedy return in {path}: {exc}", file=sys.stderr)
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import gymnasium as gym
@@ -146,6 +147,12 @@ def test_ppo_trains_checkpoints_and_resumes(ray_session, tmp_path, capsys):
     assert cached_greedy_return(tmp_path, 3, steps) == 42.0  # served, not replayed
     assert cached_greedy_return(tmp_path, 3, steps + 1) == greedy_return(tmp_path, episodes=3)  # newer checkpoint
     assert cached_greedy_return(tmp_path, 2, steps + 1) == greedy_return(tmp_path, episodes=2)  # other budget
+    (tmp_path / "greedy.json").write_text('{"episodes": 2, "greedy_re')  # a write cut short: a miss, not an error
+    assert cached_greedy_return(tmp_path, 2, steps + 1) == greedy_return(tmp_path, episodes=2)
+    saved = json.loads((tmp_path / "greedy.json").read_text())
+    (tmp_path / "greedy.json").write_text(json.dumps({**saved, "greedy_return": 7.0}))
+    os.utime(tmp_path / "checkpoint", ns=(1, 1))  # the checkpoint was rewritten (e.g. retrained from scratch)
+    assert cached_greedy_return(tmp_path, 2, steps + 1) == greedy_return(tmp_path, episodes=2)
 
     untrained = tmp_path / "untrained"
     untrained.mkdir()
@@ -160,11 +167,14 @@ def test_ppo_trains_checkpoints_and_resumes(ray_session, tmp_path, capsys):
 def test_bench_learning_end_to_end_and_re_invocation(ray_session, tmp_path):
     """`python -m agents.bench` trains each run, scores it greedily, writes JSON and curves; run
     again over the finished runs it neither retrains nor replays, and reports the same numbers."""
+    import ray
+
     from agents.bench import main as bench_main
 
     argv = ["--envs", "Count", "--encoders", "oracle", "--seeds", "1", "--timesteps", "64",
             "--eval-episodes", "3", "--num-envs", "4", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
     assert bench_main(argv) == 0
+    assert ray.is_initialized()  # the caller's session is used and left running
     first = json.loads((tmp_path / "learning.json").read_text())
     (run,) = first["runs"]
     run_dir = Path(run["dir"])

@@ -460,6 +460,19 @@ def test_a_loss_that_ignores_the_sample_gives_zero_relaxed_derivatives(name):
     assert torch.isfinite(logits.grad).all() and torch.isfinite(est.theta.grad).all()
 
 
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_a_double_backward_through_the_surrogate_works(name):
+    """REBAR/RELAX compute their estimate in inference mode; what they inject must still be an
+    ordinary tensor, so a backward with create_graph through a weighted surrogate can save it."""
+    logits, t = toy("categorical")
+    logits = logits.clone().requires_grad_()
+    weight = torch.tensor(2.0, requires_grad=True)
+    est = build(name, "categorical")
+    (g,) = torch.autograd.grad((est(logits, loss_of(t, 1.0)).surrogate * weight).mean(), logits, create_graph=True)
+    (dweight,) = torch.autograd.grad(g.sum(), weight)
+    assert torch.isfinite(dweight)
+
+
 def test_relax_first_training_call_is_centred_and_unbiased():
     """The running cost statistics start from an independent extra draw, so even the very first
     estimate is centred (low variance under a loss offset) and stays unbiased."""

@@ -31,7 +31,8 @@ class SingleConfig:
         object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
         if any(not 0 <= c <= 9 for c in self.classes):
             raise PerceptionError(f"single-object set: classes must be in 0-9, got {list(self.classes)}")
-        if not 0 <= self.render_size <= 28:
+        size = self.render_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 28:
             raise PerceptionError(f"single-object set: render_size must be in 0-28, got {self.render_size}")
 
     @property

@@ -241,4 +241,8 @@ def inject(
 
 
 def _constant(x: Tensor) -> Tensor:
+    """Without a graph, and an ordinary tensor: an inference tensor (REBAR/RELAX compute theirs in
+    inference mode) could not be saved by a double backward through the surrogate."""
+    if x.is_inference():
+        return x.clone()
     return x.detach() if x.requires_grad else x

@@ -261,7 +261,9 @@ def _input_gradient(output: Tensor, inputs: Tensor) -> Tensor:
     from autograd's engine, which is what ``torch.autograd.grad`` calls after checking its
     arguments; those checks cost ~30 us a call, a tenth of RELAX's step on the toy benchmark, and
     the arguments here are valid by construction (tested against ``torch.autograd.grad``)."""
-    (grad,) = _ENGINE.run_backward((output,), (torch.ones_like(output),), False, False, (inputs,), True)
+    (grad,) = _ENGINE.run_backward(  # keep_graph, create_graph, inputs, allow_unreachable, accumulate_grad
+        (output,), (torch.ones_like(output),), False, False, (inputs,), True, False
+    )
     return torch.zeros_like(inputs) if grad is None else grad
 
 
