@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from perception.models.dvae import PROB_EPS, DVAE, DVAEConfig
+from perception.models.dvae import PROB_EPS, DVAE, DVAEConfig, bernoulli_nll_probs
 from perception.nn.spatial_transformer import PARAM_NAMES, affine_from_params, crop, warp
 
 INITIAL_LOGVAR = -6.0  # posterior std ~0.05 at the start: near-deterministic identity warps
@@ -93,6 +93,18 @@ class DVAEST(DVAE):
         n, num = params.shape[:2]
         stacked = protos.unsqueeze(0).expand(n, -1, -1, -1, -1).flatten(0, 1)
         return self.apply(stacked, params.flatten(0, 1)).view(n, num, *protos.shape[1:])
+
+    def classified_cost(self, images: Tensor) -> Tensor:
+        """``[N]``: the cost (-log p(x | c, z_c) + KL, deterministic transform) of the amortised
+        classifier's class ``c`` alone: one warp per image instead of one per prototype, for
+        callers that compare many candidate framings of the same object (DAIR's alignment)."""
+        hidden = self.hidden(images)
+        chosen = self.classifier_logits(hidden).argmax(-1)
+        params, kl_z, _ = self.transform(images, hidden, deterministic=True)
+        at = chosen.unsqueeze(-1)  # gathers, not arange indexing: the batch size stays symbolic for export
+        params = params.gather(1, at.unsqueeze(-1).expand(-1, 1, params.shape[-1])).squeeze(1)
+        placed = self.apply(self.bank.probs()[chosen], params)
+        return bernoulli_nll_probs(placed, images) + kl_z.gather(1, at).squeeze(1)
 
     def position(self, params: Tensor) -> Tensor:
         return params[:, 4:6].unsqueeze(1)
