@@ -239,8 +239,13 @@ def test_dair_alignment_picks_the_frame_its_d_vae_st_explains_best():
             costs = what.digits.classified_cost(frames.clamp(0, 1))
             assert torch.allclose(got[i], candidates[costs.argmin()])
         assert torch.equal(tiny("dair", align_search=1).objects.align(glimpses, start), start)
-    with pytest.raises(PerceptionError, match="align_search"):
-        tiny("dair", align_search=0)
+        empty = torch.zeros(1, 1, 28, 28)  # nine equal costs: the centre-of-mass frame is kept
+        assert torch.equal(what.align(empty, start[:1]), start[:1])
+    # (the 3 x 3 grid is symmetric in x and y, so this brute force would not see them swapped:
+    # the direction is checked by the next test, which shifts digits right and down)
+    for bad in ({"align_search": 0}, {"align_search": 2}, {"align_step": 0.0}):
+        with pytest.raises(PerceptionError, match="align_search"):
+            tiny("dair", **bad)
 
 
 def test_dair_alignment_recovers_the_class_of_a_digit_framed_a_pixel_off(mnist_dir):

@@ -208,6 +208,22 @@ def test_spare_prototype_is_pruned_at_split_until():
     assert (out.class_probs[:, 0].argmax(-1).numpy() == labels).all()
 
 
+def test_classified_cost_is_the_cost_of_the_classifiers_class_and_skips_pruned_ones():
+    """DVAEST.classified_cost (DAIR's alignment score) = costs(...) at the amortised classifier's
+    argmax, one warp per image; a pruned prototype is never that class, however large its raw logit."""
+    torch.manual_seed(3)
+    model = make("dvaest", num_classes=3, extra_classes=2).eval()
+    with torch.no_grad():
+        model.alive[1] = False
+        model.to_logits.bias[1] = 100.0  # the pruned class would win without the mask
+        x = torch.rand(6, *SHAPE)
+        r = model.read(x)
+        chosen = r.logits.argmax(-1)
+        expected = model.costs(x, r.params, r.kl, r.placed).gather(1, chosen[:, None])[:, 0]
+        torch.testing.assert_close(model.classified_cost(x), expected)
+    assert (chosen != 1).all()
+
+
 def test_read_out_classes_follow_from_alive_and_old_checkpoints_load():
     """``keep`` is not saved: it is alive's first num_classes; checkpoints that stored it still load."""
     model = make("dvaest", num_classes=3, extra_classes=2)

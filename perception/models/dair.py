@@ -1,7 +1,9 @@
 """DAIR: AIR whose object model is a D-VAE-ST, so every object gets a digit class without labels.
 
 Each glimpse AIR cuts out is re-centred on its centre of mass (MNIST digits are centred that way; AIR's boxes are ~1 px off, which costs a
-single-digit D-VAE-ST 5 points of class accuracy), the digit's frame is cut from it at
+single-digit D-VAE-ST 5 points of class accuracy), the frame centre is then chosen among a few
+nearby candidates as the one the D-VAE-ST explains best (:meth:`DVAESTWhat.align`: its classifier
+loses points at half a pixel of offset), the digit's frame is cut from it at
 ``frame_scale`` (the canonical scenes' 20 px digits are whole 28x28 MNIST frames resized) and a
 D-VAE-ST (a :class:`~perception.models.dvaest.DVAEST` without spare prototypes: classifier, 10
 prototypes and a per-class affine + thickness transform) explains the frame
@@ -64,8 +66,11 @@ class DAIRConfig(AIRConfig):
         super().__post_init__()
         if not 0 < self.frame_scale <= 2 or self.align_iters < 0:
             raise PerceptionError("dair needs 0 < frame_scale <= 2 and align_iters >= 0")
-        if self.align_search < 1 or self.align_step <= 0:
-            raise PerceptionError("dair needs align_search >= 1 and align_step > 0")
+        if self.align_search < 1 or self.align_search % 2 == 0 or self.align_step <= 0:
+            raise PerceptionError(
+                f"dair needs an odd align_search >= 1 (the centre-of-mass frame is a candidate) and align_step > 0, "
+                f"got {self.align_search}, {self.align_step}"
+            )
 
 
 DVAEST_FRAME = 28  # the D-VAE-ST reads MNIST-sized frames (the digit's 20 px box is a 28x28 digit resized)
@@ -84,7 +89,8 @@ def centre_of_mass(images: Tensor) -> Tensor:
 class DVAESTWhat(nn.Module):
     """The glimpse's object is a D-VAE-ST digit: the glimpse is re-centred on its centre of mass
     (MNIST digits are centred that way, and AIR's boxes are ~1 px off: the bundled dvaest's class
-    accuracy on the bundled AIR's glimpses goes from 80% to 92.5%, as on the true digit boxes), the digit's frame is cut at ``frame_scale`` of the
+    accuracy on the bundled AIR's glimpses goes from 80% to 92.5%, as on the true digit boxes), the
+    centre is refined by :meth:`align`, the digit's frame is cut at ``frame_scale`` of the
     glimpse, and the D-VAE-ST explains the frame. The canvas gets the argmax class' warped prototype
     pasted back into the glimpse; the class probabilities are the D-VAE-ST's amortised q(c | frame)."""
 
@@ -131,6 +137,7 @@ class DVAESTWhat(nn.Module):
         g, pixel = k * k, 2 * self.frame_scale / DVAEST_FRAME  # one frame pixel in glimpse units
         steps = (torch.arange(k, dtype=glimpse.dtype, device=glimpse.device) - (k - 1) / 2) * (self.align_step * pixel)
         grid = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1).reshape(g, 2)  # (x, y) offsets
+        grid = torch.cat([grid[g // 2 :][:1], grid[: g // 2], grid[g // 2 + 1 :]])  # centre first: ties keep it
         candidates = centre.unsqueeze(1) + grid  # [B, G, 2]; the batch size stays symbolic for export
         flat = candidates.reshape(-1, 2)
         scale = torch.full_like(flat[:, 0], self.frame_scale)
@@ -138,9 +145,11 @@ class DVAESTWhat(nn.Module):
         best = self.digits.classified_cost(frames).view(-1, g).argmin(1)
         return candidates.gather(1, best.view(-1, 1, 1).expand(-1, 1, 2)).squeeze(1)
 
-    def frames(self, glimpse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(frames ``[B, C, 28, 28]``, their scale ``[B]`` and centre ``[B, 2]`` in the glimpse)."""
-        centre = self.align(glimpse, self.frame_centre(glimpse))
+    def frames(self, glimpse: Tensor, align: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """(frames ``[B, C, 28, 28]``, their scale ``[B]`` and centre ``[B, 2]`` in the glimpse);
+        ``align=False``: centre of mass only (before the D-VAE-ST has prototypes to align with)."""
+        centre = self.frame_centre(glimpse)
+        centre = self.align(glimpse, centre) if align else centre
         scale = glimpse.new_full((glimpse.shape[0],), self.frame_scale)
         return cut(glimpse, scale, centre, (DVAEST_FRAME, DVAEST_FRAME)).clamp(0, 1), scale, centre
 
@@ -222,7 +231,7 @@ class DAIR(AIR):
         if not bank.seeded:  # k-means++ on the frames of the first present glimpses
             glimpses = self.present_glimpses(images)
             if len(glimpses) >= self.num_classes:
-                bank.seed_kmeanspp(self.objects.frames(glimpses)[0])
+                bank.seed_kmeanspp(self.objects.frames(glimpses, align=False)[0])
 
     def present_glimpses(self, images: Tensor) -> Tensor:
         """``[M, C, g, g]`` glimpses of the objects the current model finds (deterministic)."""
