@@ -137,7 +137,7 @@ class DVAESTWhat(nn.Module):
         g, pixel = k * k, 2 * self.frame_scale / DVAEST_FRAME  # one frame pixel in glimpse units
         steps = (torch.arange(k, dtype=glimpse.dtype, device=glimpse.device) - (k - 1) / 2) * (self.align_step * pixel)
         grid = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1).reshape(g, 2)  # (x, y) offsets
-        grid = torch.cat([grid[g // 2 :][:1], grid[: g // 2], grid[g // 2 + 1 :]])  # centre first: ties keep it
+        grid = torch.cat([grid[g // 2 : g // 2 + 1], grid[: g // 2], grid[g // 2 + 1 :]])  # centre first: ties keep it
         candidates = centre.unsqueeze(1) + grid  # [B, G, 2]; the batch size stays symbolic for export
         flat = candidates.reshape(-1, 2)
         scale = torch.full_like(flat[:, 0], self.frame_scale)
