@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from perception.data import make_dataset
+from perception.errors import PerceptionError
 from perception.models import build_model
 from perception.models.iodine import IODINE, mixture_gradients, mixture_terms
 from perception.models.lds import lds_penalty
@@ -63,7 +64,7 @@ def test_stick_breaking_masks_sum_to_one_even_for_extreme_attention():
     model = tiny("monet", tuple(x.shape[1:]))
     with torch.no_grad():
         model.attention.out.bias.fill_(30.0)  # alpha ~ 1: the first slot takes (almost) everything
-        log_masks = model.attend(x)
+        log_masks = model.attend(x, 4)
     masks = log_masks.exp()
     torch.testing.assert_close(masks.sum(1), torch.ones(2, 35, 35))
     assert torch.isfinite(log_masks).all()
@@ -76,10 +77,24 @@ def test_monet_background_is_the_largest_slot_not_always_slot_0():
     masks = torch.full((2, 4, 35, 35), 0.01)
     masks[:, 0, :5] = 0.97  # slot 0 holds a small "object", slot 2 the rest of the image
     masks[:, 2, 5:] = 0.97
-    model.attend = lambda images: masks.log()
+    model.attend = lambda images, slots: masks.log()
     with torch.no_grad():
         out = model.encode(x)
     assert out.presence[:, 2].eq(0).all() and out.presence[:, 0].eq(1).all()
+
+
+def test_monet_more_slots_at_test_time_only_split_the_last_scope():
+    x = images("multi-dsprites", 2, canvas=32)
+    model = tiny("monet", tuple(x.shape[1:])).eval()
+    with torch.no_grad():
+        trained, more = model.encode(x).masks, model.encode(x, slots=7).masks
+    assert trained.shape[1] == model.num_slots == 4 and more.shape[1] == 7
+    torch.testing.assert_close(more[:, :3], trained[:, :3])  # the same attention steps
+    torch.testing.assert_close(more[:, 3:].sum(1), trained[:, 3])  # the rest of the scope, split further
+    wider = tiny("monet", tuple(x.shape[1:]), test_slots=7).eval()
+    assert wider.num_slots == 7 and wider.encode(x).slots.shape[1] == 7
+    with pytest.raises(PerceptionError, match="test_slots"):
+        tiny("monet", tuple(x.shape[1:]), test_slots=-1)
 
 
 def test_iodine_slots_and_iterations_can_change_at_test_time():
@@ -174,6 +189,31 @@ def test_lds_weight_zero_changes_nothing_and_lds_is_absent_at_eval(name):
     assert loss(lds, False) == loss(plain, False)
 
 
+@pytest.mark.parametrize("name", ["monet", "iodine"])
+def test_lds_on_means_adds_the_prior_of_the_posterior_means_not_of_the_samples(name):
+    x = images("tetris", 2)
+    shape = tuple(x.shape[1:])
+    plain, on_means, on_samples = (tiny(name, shape, **o).train() for o in (
+        {}, {"lds": True, "lds_on_means": True}, {"lds": True}))
+
+    def loss(model) -> float:
+        torch.manual_seed(1)
+        return model.loss({"image": x}, 0).loss.item()
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        if name == "monet":
+            mu, _ = plain.posterior(x, plain.attend(x, plain.num_slots))
+            expected = plain.config.lds_weight * lds_penalty(mu).mean().item()
+        else:  # every refinement step t = 1..T, weighted t / T like the rest of its loss
+            steps = [mu for _, mu, *_ in plain.infer(x, plain.config.num_slots, plain.config.iterations, False)]
+            t_max = len(steps) - 1
+            expected = sum(t / t_max * plain.config.lds_weight * lds_penalty(mu).mean().item()
+                           for t, mu in enumerate(steps) if t > 0)
+    assert loss(on_means) - loss(plain) == pytest.approx(expected, rel=1e-4)
+    assert loss(on_samples) - loss(plain) != pytest.approx(expected, rel=1e-2)
+
+
 @pytest.mark.parametrize("name,steps", [("monet", 100), ("iodine", 60)])
 def test_overfits_a_tiny_batch(name, steps):
     x = images("tetris", 2)
@@ -238,3 +278,47 @@ def test_monet_log_sigmoid_equals_torch_and_stays_finite_where_the_sigmoid_under
     big = torch.tensor([-1e4, 1e4])
     assert torch.isfinite(log_sigmoid(big)).all()
     assert torch.isinf(torch.sigmoid(big).log()).any()  # what the ONNX exporters write for F.logsigmoid
+
+
+def test_segmentation_bench_trains_then_rescores_with_more_test_slots(tmp_path):
+    """End to end: train and score a tiny MONet, then score the same run again with one more slot
+    (no training: the weights and the training results stay as they were); bad requests fail
+    before anything is trained or written."""
+    import json
+
+    from matplotlib.image import imread
+
+    from perception.bench.segmentation import main
+
+    options = [f"--model-option={k}={v}" for k, v in TINY["monet"].items() if k != "num_slots"]
+    common = ["--model", "monet", "--dataset", "tetris", "--seeds", "1", "--batch-size", "4",
+              "--train-size", "16", "--eval-size", "8", "--out", str(tmp_path)]
+    assert main([*common, "--steps", "2", *options]) == 0
+    encoder = tmp_path / "runs" / "tetris-monet-s0" / "encoder.pt"
+    trained_json = (tmp_path / "tetris-monet.json").read_text()
+    before = encoder.read_bytes()
+    assert main([*common, "--score-only", "--eval-option", "test_slots=5"]) == 0
+    assert main([*common, "--score-only"]) == 0
+    assert encoder.read_bytes() == before and (tmp_path / "tetris-monet.json").read_text() == trained_json
+    trained = json.loads(trained_json)
+    rescored = json.loads((tmp_path / "tetris-monet-test_slots5.json").read_text())
+    again = json.loads((tmp_path / "tetris-monet-rescored.json").read_text())
+    assert rescored["eval_options"] == {"test_slots": 5} and trained["eval_options"] == {}
+    assert rescored["seeds"][0]["model_options"]["num_slots"] == 4 and "train_seconds" not in rescored["seeds"][0]
+    assert "neg_elbo" not in rescored["seeds"][0] and "neg_elbo" in again["seeds"][0]
+    assert again["seeds"][0]["fg_ari"] == trained["seeds"][0]["fg_ari"]
+    # the figure has one row per slot plus input and reconstruction: the option reached the model
+    rows = {k: imread(tmp_path / f"tetris-monet{k}-s0.png").shape[0] for k in ("", "-test_slots5")}
+    assert rows["-test_slots5"] / rows[""] == pytest.approx((2 + 5) / (2 + 4), rel=0.05)
+    with pytest.raises(PerceptionError, match="encoder.pt or config.json missing"):
+        main([*common, "--score-only", "--seeds", "2"])
+    assert not (tmp_path / "tetris-monet-rescored-s1.png").exists()
+    for bad, message in ((["--eval-option", "latent_dim=8"], "accepts only"),
+                         (["--eval-option", "test_slots=-2"], "test_slots"),
+                         (["--eval-option", "test_slots=true"], "integers"),
+                         (["--model-option", "gamma=0.1"], "--eval-option")):
+        with pytest.raises(PerceptionError, match=message):
+            main([*common, "--score-only", *bad])
+    with pytest.raises(PerceptionError, match="accepts only"):  # checked before training
+        main([*common, "--steps", "2", "--out", str(tmp_path / "new"), "--eval-option", "lds=true"])
+    assert not (tmp_path / "new" / "runs").exists()

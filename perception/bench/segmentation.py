@@ -7,6 +7,12 @@ rate, mean pairwise cosine of present slots, count accuracy (all from
 reconstruction; a PNG shows input, reconstruction and each slot's masked component. ``--lds``
 trains with the latent duplicate suppression prior; run with and without it to compare.
 
+``--eval-option KEY=VALUE`` changes an inference-only model option for the held-out scoring
+(``test_slots``, IODINE's ``test_iterations``, ``presence_min_area``; ``neg_elbo`` is then left
+out, since the loss keeps the training K and T); with ``--score-only`` nothing is trained and the
+runs already in ``--runs-dir`` are scored again, into files named after the options (or
+``-rescored``), never over the training run's own results.
+
 ``--cost`` trains nothing: it measures one training step's time and peak memory for the model
 at the paper's sizes and at this library's defaults (and the steps in between), each in a
 fresh process so that peak memory is the step's own.
@@ -15,12 +21,15 @@ Examples::
 
     python -m perception.bench segmentation --model monet --dataset tetris --seeds 3 --steps 3000
     python -m perception.bench segmentation --model monet --lds --dataset tetris --seeds 3 --steps 3000
+    python -m perception.bench segmentation --model monet --dataset tetris --seeds 3 --score-only \
+        --eval-option test_slots=5
     python -m perception.bench segmentation --model iodine --cost --batch-size 8
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import resource
@@ -32,6 +41,7 @@ import numpy as np
 import torch
 
 from perception.cli import parse_options, run_cli
+from perception.errors import PerceptionError
 from perception.metrics import summarise
 from perception.train.config import TrainConfig
 
@@ -40,6 +50,9 @@ DATASETS = ("multi-dsprites", "tetris", "multi-mnist")
 METRICS = (
     "fg_ari", "ari", "miou", "mse", "duplicate_rate", "slot_cosine", "count_accuracy", "neg_elbo", "train_seconds",
 )
+
+# Model options that only change inference, so they may differ at scoring time (--eval-option).
+EVAL_OPTIONS = ("test_slots", "test_iterations", "presence_min_area")
 
 # Per-dataset slot counts: the most objects a scene holds, plus one for the background.
 SLOTS = {"multi-dsprites": 6, "tetris": 4, "multi-mnist": 4}
@@ -75,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="model hyper-parameter (repeatable)")
+    p.add_argument(
+        "--eval-option", action="append", metavar="KEY=VALUE",
+        help="model option for the held-out scoring only, e.g. test_slots=7 (repeatable)",
+    )
+    p.add_argument("--score-only", action="store_true", help="train nothing: score the runs already in --runs-dir")
     p.add_argument("--cost", action="store_true", help="measure training-step cost instead of training")
     p.add_argument("--out", default="bench_results/segmentation")
     p.add_argument("--runs-dir", help="where run directories go (default OUT/runs)")
@@ -96,6 +114,32 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def variant_name(args: argparse.Namespace) -> str:
     return f"{args.dataset}-{args.model}" + ("-lds" if args.lds else "")
+
+
+def eval_options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """``--eval-option`` pairs, checked before any training: inference-only keys the model has,
+    with values its configuration accepts."""
+    from perception.models import build_model, model_class
+
+    options = parse_options(args.eval_option, "eval")
+    fields = model_class(args.model).Config.__dataclass_fields__
+    allowed = [key for key in EVAL_OPTIONS if key in fields]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise PerceptionError(f"--eval-option {', '.join(bad)}: {args.model} accepts only {', '.join(allowed)}")
+    if options:  # building the model checks the values the way the scoring will (milliseconds)
+        from perception.data import make_dataset
+
+        shape = make_dataset(args.dataset, "test", 1, 0).image_shape
+        build_model(args.model, {**model_options(args), **options}, shape)
+    return options
+
+
+def output_name(args: argparse.Namespace, eval_options: dict[str, Any]) -> str:
+    suffix = "".join(f"-{key}{value}" for key, value in sorted(eval_options.items()))
+    if args.score_only and not suffix:
+        suffix = "-rescored"  # never over the training run's JSON and figures
+    return variant_name(args) + suffix
 
 
 def save_decomposition(model: Any, images: torch.Tensor, path: Path) -> None:
@@ -121,8 +165,16 @@ def reconstruction_mse(model: Any, images: torch.Tensor, batch: int = 100) -> fl
     return float(total / len(images))
 
 
-def run_seed(args: argparse.Namespace, seed: int, run_dir: Path, png: Path) -> dict[str, Any]:
+def run_seed(
+    args: argparse.Namespace, seed: int, run_dir: Path, png: Path, eval_options: dict[str, Any]
+) -> dict[str, Any]:
     from perception.train.loop import train
+
+    if args.score_only:
+        cfg = dataclasses.replace(read_run_config(run_dir), device=args.device)
+        result = score_run(cfg, run_dir, args.eval_size, png, eval_options)
+        result.update(seed=seed, steps=cfg.steps, model_options=cfg.model_options)
+        return result
 
     cfg = TrainConfig(
         model=args.model, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -134,9 +186,16 @@ def run_seed(args: argparse.Namespace, seed: int, run_dir: Path, png: Path) -> d
         fork_run(Path(args.continue_from) / run_dir.name, run_dir, cfg)
     start = time.perf_counter()
     train(cfg, run_dir, resume=bool(args.continue_from), progress=False)
-    result = score_run(cfg, run_dir, args.eval_size, png)
+    result = score_run(cfg, run_dir, args.eval_size, png, eval_options)
     result.update(seed=seed, train_seconds=time.perf_counter() - start, steps=args.steps)
     return result
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    """The configuration of a finished run, for ``--score-only``."""
+    if not (run_dir / "encoder.pt").is_file() or not (run_dir / "config.json").is_file():
+        raise PerceptionError(f"--score-only: no finished run in {run_dir} (encoder.pt or config.json missing)")
+    return TrainConfig(**json.loads((run_dir / "config.json").read_text()))
 
 
 def fork_run(source: Path, run_dir: Path, cfg: TrainConfig) -> None:
@@ -144,7 +203,7 @@ def fork_run(source: Path, run_dir: Path, cfg: TrainConfig) -> None:
     states) under ``cfg``, so that the trainer's resume continues it with other options and
     learning rates (resume takes every group's rate from the configuration); ``source`` is left
     as it was."""
-    from perception.errors import OutputExistsError, PerceptionError
+    from perception.errors import OutputExistsError
     from perception.train.checkpoint import atomic_save, read_checkpoint
     from perception.train.loop import write_json
 
@@ -158,20 +217,28 @@ def fork_run(source: Path, run_dir: Path, cfg: TrainConfig) -> None:
     write_json(cfg.to_dict(), run_dir / "config.json")
 
 
-def score_run(cfg: TrainConfig, run_dir: Path, eval_size: int, png: Path) -> dict[str, Any]:
-    """Held-out metrics of a finished run's ``encoder.pt`` and its decomposition figure."""
+def score_run(
+    cfg: TrainConfig, run_dir: Path, eval_size: int, png: Path, eval_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Held-out metrics of a finished run's ``encoder.pt`` and its decomposition figure, with the
+    model options in ``eval_options`` changed for the scoring."""
     from perception.metrics import evaluate_encoder
     from perception.train.loop import EVAL_SEED, build_run_model, load_data, mean_model_metrics, resolve_device
 
     state = torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=False)
     device = resolve_device(cfg.device)
-    model = build_run_model(cfg, tuple(state["image_shape"])).to(device)
-    model.load_state_dict(state["state_dict"])
+    scored = dataclasses.replace(cfg, model_options={**cfg.model_options, **(eval_options or {})})
+    model = build_run_model(scored, tuple(state["image_shape"])).to(device)
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        raise PerceptionError(f"{run_dir}: the weights do not fit the model built from its config.json ({err})") from None
     scenes = load_data(cfg, "test", eval_size, EVAL_SEED)
     result = evaluate_encoder(model, scenes, batch_size=100, device=str(device))
     images = torch.from_numpy(scenes.float_images()).to(device)
     result["mse"] = reconstruction_mse(model, images)
-    result["neg_elbo"] = mean_model_metrics(model, scenes, device, batch_size=100)["neg_elbo"]
+    if not eval_options:  # the loss keeps the training K and T, so it would not match the rest
+        result["neg_elbo"] = mean_model_metrics(model, scenes, device, batch_size=100)["neg_elbo"]
     save_decomposition(model, images[:8], png)
     return result
 
@@ -243,26 +310,37 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"command": "python -m perception.bench segmentation " + " ".join(argv)}
+    if args.cost and (args.eval_option or args.score_only):
+        raise PerceptionError("--cost measures training steps: it takes no --eval-option or --score-only")
+    if args.score_only and (args.continue_from or args.model_option):
+        raise PerceptionError(
+            "--score-only scores finished runs with their own options: it takes no --continue-from "
+            "or --model-option (use --eval-option for inference options)"
+        )
     if args.cost:
         report["cost"] = measure_cost(args)
         path = out / f"cost-{args.dataset}-{args.model}-{args.device}.json"
     else:
-        name = variant_name(args)
+        eval_options = eval_options_of(args)
+        name, scored = variant_name(args), output_name(args, eval_options)
         runs = Path(args.runs_dir) if args.runs_dir else out / "runs"
+        if args.score_only:
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                read_run_config(runs / f"{name}-s{seed}")  # every run is there before anything is written
         seeds = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            result = run_seed(args, seed, runs / f"{name}-s{seed}", out / f"{name}-s{seed}.png")
+            result = run_seed(args, seed, runs / f"{name}-s{seed}", out / f"{scored}-s{seed}.png", eval_options)
             print(json.dumps({"run": f"{name}-s{seed}", **result}), flush=True)
             seeds.append(result)
         report.update(
-            model_options=model_options(args), seeds=seeds,
+            model_options=None if args.score_only else model_options(args), eval_options=eval_options, seeds=seeds,
             summary={k: summarise(r[k] for r in seeds if k in r) for k in METRICS},
         )
         fg = report["summary"]["fg_ari"]
         spread = f"min {fg['min']:.4f}, max {fg['max']:.4f}"
-        print(f"{name}: fg-ARI mean {fg['mean']:.4f} ({spread}) over {len(seeds)} seeds", flush=True)
+        print(f"{scored}: fg-ARI mean {fg['mean']:.4f} ({spread}) over {len(seeds)} seeds", flush=True)
         suffix = f"-seeds{args.first_seed}-{args.first_seed + args.seeds - 1}" if args.first_seed else ""
-        path = out / f"{name}{suffix}.json"
+        path = out / f"{scored}{suffix}.json"
     path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(f"results: {path}")
     return 0

@@ -56,6 +56,7 @@ class IODINEConfig:
     beta: float = 1.0
     lds: bool = False
     lds_weight: float = 1.0
+    lds_on_means: bool = False  # LDS on the posterior means instead of the samples (see models/lds.py)
     presence_min_area: float = 0.004  # share of the image a slot's argmax mask must cover
 
 
@@ -160,6 +161,11 @@ class IODINE(Encoder):
         d = config.latent_dim
         if config.iterations < 1:
             raise PerceptionError(f"iodine: iterations must be >= 1, got {config.iterations}")
+        counts = (config.num_slots, config.test_slots, config.test_iterations)
+        if any(type(n) is not int for n in counts) or config.num_slots < 1 or min(counts) < 0:
+            raise PerceptionError(
+                f"iodine: need integers num_slots >= 1, test_slots >= 0, test_iterations >= 0, got {counts}"
+            )
         if max(config.num_slots, config.test_slots) > MAX_SLOTS:
             raise PerceptionError(f"iodine: at most {MAX_SLOTS} slots, got {max(config.num_slots, config.test_slots)}")
         self.decoder = SpatialBroadcastDecoder(d, c + 1, (h, w), config.decoder_channels, config.decoder_layers)
@@ -282,7 +288,7 @@ class IODINE(Encoder):
             kl = gaussian_kl(mu, logvar).sum(1)
             step_loss = terms.nll + self.config.beta * kl
             if self.config.lds and self.training:
-                lds = lds_penalty(z)
+                lds = lds_penalty(mu if self.config.lds_on_means else z)
                 step_loss = step_loss + self.config.lds_weight * lds
                 lds_total = lds_total + lds.mean().detach() / iterations
             total = total + (t / iterations) * step_loss

@@ -4,6 +4,12 @@ Two slots that explain the same object end up with similar latents; the LDS prio
 unlikely: ``log p(z) += sum_{h != j} log N(cos(z_h, z_j); 0, sigma^2)`` over ordered slot pairs,
 with ``sigma = 0.1``, weighted by ``lambda`` in the ELBO. Models add :func:`lds_penalty` (the
 negative log prior) to their training loss only, never to what they report as the ELBO.
+
+As a term of the ELBO the prior is scored on the posterior samples (the default). The models'
+``lds_on_means`` scores it on the posterior means instead: on multi-dSprites MONet's duplicate
+slot pairs have posterior means with cosine ~0.95, but their samples only ~0.3-0.5, because the
+unused latent dimensions are prior noise; a penalty on samples is diluted by that noise and can
+be lowered by more of it (docs/results/segmentation.md).
 """
 
 from __future__ import annotations

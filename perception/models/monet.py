@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from perception.contract import Encoder, EncoderOutput, ModelLoss
+from perception.errors import PerceptionError
 from perception.models.lds import lds_penalty
 from perception.nn.blocks import conv_encoder, gaussian_kl
 from perception.nn.broadcast_decoder import SpatialBroadcastDecoder, coordinate_grid
@@ -37,6 +38,7 @@ LOG_2PI = math.log(2 * math.pi)
 @dataclass
 class MONetConfig:
     num_slots: int = 6  # multi-dSprites: up to 5 sprites + background
+    test_slots: int = 0  # slots outside training (0: as in training); the attention simply runs longer
     latent_dim: int = 16
     unet_channels: int = 32
     unet_depth: int = 4
@@ -49,6 +51,7 @@ class MONetConfig:
     sigma_fg: float = 0.11
     lds: bool = False
     lds_weight: float = 0.5
+    lds_on_means: bool = False  # LDS on the posterior means instead of the samples (see models/lds.py)
     presence_min_area: float = 0.004  # share of the image a slot's argmax mask must cover
 
 
@@ -91,6 +94,9 @@ class MONet(Encoder):
 
     def __init__(self, config: MONetConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
+        counts = (config.num_slots, config.test_slots)
+        if any(type(n) is not int for n in counts) or config.num_slots < 1 or config.test_slots < 0:
+            raise PerceptionError(f"monet: need integers num_slots >= 1 and test_slots >= 0, got {counts}")
         c, h, w = self.image_shape
         self.attention = UNet(c + 1, 1, config.unet_channels, config.unet_depth)
         conv, features = conv_encoder(c + 1, h, config.encoder_channels)
@@ -104,7 +110,8 @@ class MONet(Encoder):
 
     @property
     def num_slots(self) -> int:
-        return self.config.num_slots
+        """Slots of the encoder's output: ``test_slots`` when set (training uses ``num_slots``)."""
+        return self.config.test_slots or self.config.num_slots
 
     @property
     def slot_layout(self) -> list[str]:
@@ -114,11 +121,11 @@ class MONet(Encoder):
     def has_masks(self) -> bool:
         return True
 
-    def attend(self, x: Tensor) -> Tensor:
-        """Stick-breaking log masks ``[N, K, H, W]`` (they sum to one over K)."""
+    def attend(self, x: Tensor, slots: int) -> Tensor:
+        """Stick-breaking log masks ``[N, slots, H, W]`` (they sum to one over the slots)."""
         log_scope = torch.zeros_like(x[:, :1])
         log_masks = []
-        for _ in range(self.config.num_slots - 1):
+        for _ in range(slots - 1):
             logits = self.attention(torch.cat([x, log_scope], dim=1))
             log_masks.append(log_scope + log_sigmoid(logits))
             log_scope = log_scope + log_sigmoid(-logits)
@@ -137,8 +144,10 @@ class MONet(Encoder):
         out = self.decoder(z.flatten(0, 1)).view(n, k, -1, *self.image_shape[1:])
         return torch.sigmoid(out[:, :, :-1]), out[:, :, -1]
 
-    def encode(self, images: Tensor, deterministic: bool = True) -> EncoderOutput:
-        log_masks = self.attend(images)
+    def encode(self, images: Tensor, deterministic: bool = True, slots: int | None = None) -> EncoderOutput:
+        if slots is not None and slots < 1:
+            raise PerceptionError(f"monet: slots must be >= 1, got {slots}")
+        log_masks = self.attend(images, slots or self.num_slots)
         mu, logvar = self.posterior(images, log_masks)
         z = mu if deterministic else mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         masks = log_masks.exp()
@@ -147,7 +156,7 @@ class MONet(Encoder):
 
     def loss(self, batch: Mapping[str, Tensor], step: int) -> ModelLoss:
         x = batch["image"]
-        log_masks = self.attend(x)
+        log_masks = self.attend(x, self.config.num_slots)
         mu, logvar = self.posterior(x, log_masks)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         means, mask_logits = self.decode(z)
@@ -165,15 +174,15 @@ class MONet(Encoder):
             "mse": (masks.unsqueeze(2) * means).sum(1).sub(x).pow(2).mean().item(),
         }
         if self.config.lds and self.training:
-            lds = lds_penalty(z)
+            lds = lds_penalty(mu if self.config.lds_on_means else z)
             loss = loss + self.config.lds_weight * lds
             metrics["lds"] = lds.mean().item()
         return ModelLoss(loss.mean(), metrics)
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Deterministic reconstruction, attention masks and per-slot means."""
-        log_masks = self.attend(images)
+        """Deterministic reconstruction, attention masks and per-slot means (``num_slots`` slots)."""
+        log_masks = self.attend(images, self.num_slots)
         mu, _ = self.posterior(images, log_masks)
         means, _ = self.decode(mu)
         masks = log_masks.exp()
