@@ -109,9 +109,11 @@ def test_iodine_slots_and_iterations_can_change_at_test_time():
     assert changed.num_slots == 5 and changed.encode(x).slots.shape[1] == 5
 
 
-def test_iodine_analytic_gradient_inputs_match_autograd():
+@pytest.mark.parametrize("frequencies", [0, 2])
+def test_iodine_analytic_gradient_inputs_match_autograd(frequencies):
     torch.manual_seed(0)
-    model = IODINE(IODINE.Config(**{**TINY["iodine"], "beta": 0.7}), (2, 6, 5)).double()
+    options = {**TINY["iodine"], "beta": 0.7, "decoder_frequencies": frequencies}
+    model = IODINE(IODINE.Config(**options), (2, 6, 5)).double()
     x = torch.rand(2, 2, 6, 5, dtype=torch.double)
     mu = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
     logvar = (0.3 * torch.randn(2, 3, 4, dtype=torch.double)).requires_grad_()
@@ -242,16 +244,25 @@ def test_trains_with_the_shared_trainer(name, tmp_path):
     assert 0.0 <= metrics["fg_ari"] <= 1.0 and "duplicate_rate" in metrics
 
 
-def test_broadcast_decoder_equals_its_tiled_convolution_definition():
-    """The linear first layer and channels-last layers must compute exactly the plain decoder."""
+@pytest.mark.parametrize("frequencies", [0, 2])
+def test_broadcast_decoder_equals_its_tiled_convolution_definition(frequencies):
+    """The linear first layer and channels-last layers must compute exactly the plain decoder;
+    with Fourier features the coordinate channels are x, y, then sin and cos of pi 2^f x, y."""
     from torch.nn import functional as F
 
     from perception.nn.broadcast_decoder import SpatialBroadcastDecoder
 
     torch.manual_seed(0)
-    decoder = SpatialBroadcastDecoder(4, 3, (6, 5), channels=8, layers=3).double()
+    decoder = SpatialBroadcastDecoder(4, 3, (6, 5), channels=8, layers=3, frequencies=frequencies).double()
     z = torch.randn(5, 4, dtype=torch.double)
     coords = decoder.coords.double().expand(5, -1, -1, -1)
+    assert coords.shape[1] == 2 + 4 * frequencies
+    x, y = decoder.coords[0, 0], decoder.coords[0, 1]
+    for f in range(frequencies):
+        scale = torch.pi * 2**f
+        sines, cosines = decoder.coords[0, 2:2 + 2 * frequencies], decoder.coords[0, 2 + 2 * frequencies:]
+        torch.testing.assert_close(sines[f], torch.sin(scale * x), atol=1e-6, rtol=0)  # x's, then y's
+        torch.testing.assert_close(cosines[frequencies + f], torch.cos(scale * y), atol=1e-6, rtol=0)
     h = torch.cat([z[:, :, None, None].expand(-1, -1, *coords.shape[2:]), coords], 1)
     for conv in decoder.convs:
         h = F.elu(conv(h))
@@ -322,3 +333,21 @@ def test_segmentation_bench_trains_then_rescores_with_more_test_slots(tmp_path):
     with pytest.raises(PerceptionError, match="accepts only"):  # checked before training
         main([*common, "--steps", "2", "--out", str(tmp_path / "new"), "--eval-option", "lds=true"])
     assert not (tmp_path / "new" / "runs").exists()
+
+
+@pytest.mark.parametrize("name,dataset,card_fg_ari", [("monet", "tetris", 0.997), ("monet-multi-dsprites", "multi-dsprites", 0.875)])
+def test_bundled_monet_checkpoints_still_segment_held_out_scenes(name, dataset, card_fg_ari):
+    """Guards the shipped files against model-code drift: the first 100 of the cards' 300 held-out
+    scenes (the trainer's evaluation seed) must score near the card's foreground ARI."""
+    from perception import load_encoder
+    from perception.metrics import adjusted_rand_index
+    from perception.pretrained import bundled_path
+    from perception.train.loop import EVAL_SEED
+
+    if bundled_path(name) is None:
+        pytest.skip(f"no bundled {name}.pt")
+    model = load_encoder(name)
+    scenes = make_dataset(dataset, "test", 100, EVAL_SEED)
+    with torch.no_grad():
+        masks = model.encode(torch.from_numpy(scenes.float_images())).masks.numpy()
+    assert adjusted_rand_index(scenes.segmentation, masks, ignore_background=True) > card_fg_ari - 0.05

@@ -49,6 +49,7 @@ class IODINEConfig:
     latent_dim: int = 16
     decoder_channels: int = 32
     decoder_layers: int = 3
+    decoder_frequencies: int = 0  # Fourier coordinate features in the decoder (0: x and y only)
     refine_channels: int = 32
     refine_layers: int = 3
     hidden: int = 128  # refinement MLP and LSTM width
@@ -168,7 +169,9 @@ class IODINE(Encoder):
             )
         if max(config.num_slots, config.test_slots) > MAX_SLOTS:
             raise PerceptionError(f"iodine: at most {MAX_SLOTS} slots, got {max(config.num_slots, config.test_slots)}")
-        self.decoder = SpatialBroadcastDecoder(d, c + 1, (h, w), config.decoder_channels, config.decoder_layers)
+        self.decoder = SpatialBroadcastDecoder(
+            d, c + 1, (h, w), config.decoder_channels, config.decoder_layers, config.decoder_frequencies
+        )
         in_channels = 3 * c + 8  # see refinement_inputs
         self.refine = RefinementNetwork(
             in_channels, max(h, w), d, config.refine_channels, config.refine_layers, config.hidden

@@ -30,17 +30,30 @@ def coordinate_grid(height: int, width: int) -> Tensor:
     return torch.stack([xs.view(1, -1).expand(height, width), ys.view(-1, 1).expand(height, width)])
 
 
+def fourier_features(coords: Tensor, frequencies: int) -> Tensor:
+    """``sin`` and ``cos`` of ``pi 2^f x`` and ``pi 2^f y`` for ``f < frequencies``: ``[2, H, W] ->
+    [4 F, H, W]``. Extra coordinate channels make position as loud as the latent in the first
+    layer (with two linear channels IODINE's decoder shut them out; docs/results/segmentation.md)."""
+    scales = torch.pi * 2.0 ** torch.arange(frequencies, dtype=coords.dtype)
+    angles = (coords[:, None] * scales[None, :, None, None]).flatten(0, 1)
+    return torch.cat([angles.sin(), angles.cos()])
+
+
 class SpatialBroadcastDecoder(nn.Module):
     """``z [B, D] -> [B, out_channels, H, W]`` through ``layers`` unpadded 3x3 convolutions."""
 
-    def __init__(self, latent_dim: int, out_channels: int, size: tuple[int, int], channels: int = 32, layers: int = 4):
+    def __init__(
+        self, latent_dim: int, out_channels: int, size: tuple[int, int], channels: int = 32, layers: int = 4,
+        frequencies: int = 0,
+    ):
         super().__init__()
         if layers < 1:
             raise ValueError("a broadcast decoder needs at least one 3x3 layer")
         h, w = size
         self.latent_dim = latent_dim
+        coordinate_channels = 2 + 4 * frequencies
         self.convs = nn.ModuleList(
-            nn.Conv2d(latent_dim + 2 if i == 0 else channels, channels, 3) for i in range(layers)
+            nn.Conv2d(latent_dim + coordinate_channels if i == 0 else channels, channels, 3) for i in range(layers)
         )
         self.out = nn.Conv2d(channels, out_channels, 1)
         # Coordinates of the padded grid, so the image-sized centre keeps pixel-centre units.
@@ -50,6 +63,7 @@ class SpatialBroadcastDecoder(nn.Module):
         xs = grid[0, 0, 0] + step_x * torch.arange(-pad, w + pad, dtype=torch.float32)
         ys = grid[1, 0, 0] + step_y * torch.arange(-pad, h + pad, dtype=torch.float32)
         coords = torch.stack([xs.view(1, -1).expand(h + 2 * pad, -1), ys.view(-1, 1).expand(-1, w + 2 * pad)])
+        coords = torch.cat([coords, fourier_features(coords, frequencies)])
         self.register_buffer("coords", coords.unsqueeze(0), persistent=False)
 
     def _first(self, z: Tensor) -> Tensor:
