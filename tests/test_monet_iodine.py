@@ -351,3 +351,12 @@ def test_bundled_monet_checkpoints_still_segment_held_out_scenes(name, dataset, 
     with torch.no_grad():
         masks = model.encode(torch.from_numpy(scenes.float_images())).masks.numpy()
     assert adjusted_rand_index(scenes.segmentation, masks, ignore_background=True) > card_fg_ari - 0.05
+
+
+@pytest.mark.parametrize("name,options", [
+    ("iodine", {"test_slots": -1}), ("iodine", {"decoder_frequencies": -1}), ("iodine", {"decoder_frequencies": 2.0}),
+    ("iodine", {"test_iterations": True}), ("monet", {"test_slots": 2.0}), ("monet", {"num_slots": 0}),
+])
+def test_slot_and_frequency_counts_must_be_non_negative_integers(name, options):
+    with pytest.raises(PerceptionError, match="integers"):
+        tiny(name, (3, 35, 35), **options)

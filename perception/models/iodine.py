@@ -162,10 +162,11 @@ class IODINE(Encoder):
         d = config.latent_dim
         if config.iterations < 1:
             raise PerceptionError(f"iodine: iterations must be >= 1, got {config.iterations}")
-        counts = (config.num_slots, config.test_slots, config.test_iterations)
+        counts = (config.num_slots, config.test_slots, config.test_iterations, config.decoder_frequencies)
         if any(type(n) is not int for n in counts) or config.num_slots < 1 or min(counts) < 0:
             raise PerceptionError(
-                f"iodine: need integers num_slots >= 1, test_slots >= 0, test_iterations >= 0, got {counts}"
+                "iodine: need integers num_slots >= 1 and test_slots, test_iterations, decoder_frequencies >= 0,"
+                f" got {counts}"
             )
         if max(config.num_slots, config.test_slots) > MAX_SLOTS:
             raise PerceptionError(f"iodine: at most {MAX_SLOTS} slots, got {max(config.num_slots, config.test_slots)}")

@@ -1,7 +1,7 @@
 """Spatial broadcast decoder (Watters et al. 2019) with a hand-written vector-Jacobian product.
 
 A latent ``z`` is tiled over a grid padded by one pixel per 3x3 layer, two coordinate channels
-(x, y in [-1, 1]) are appended, and unpadded 3x3 convolutions (ELU) shrink it back to the image
+(x, y in [-1, 1]; optionally Fourier features of them, :func:`fourier_features`) are appended, and unpadded 3x3 convolutions (ELU) shrink it back to the image
 size before a 1x1 output layer. Position is then easy to read from the coordinates and hard to
 entangle with appearance, which is why MONet and IODINE decode each slot this way.
 
@@ -33,8 +33,10 @@ def coordinate_grid(height: int, width: int) -> Tensor:
 def fourier_features(coords: Tensor, frequencies: int) -> Tensor:
     """``sin`` and ``cos`` of ``pi 2^f x`` and ``pi 2^f y`` for ``f < frequencies``: ``[2, H, W] ->
     [4 F, H, W]``. Extra coordinate channels make position as loud as the latent in the first
-    layer (with two linear channels IODINE's decoder shut them out; docs/results/segmentation.md)."""
-    scales = torch.pi * 2.0 ** torch.arange(frequencies, dtype=coords.dtype)
+    layer (with two linear channels IODINE's decoder shut them out; docs/results/segmentation.md).
+    The highest frequency's period is ``2^(1-F)`` of the image width: keep it above 2 pixels.
+    """
+    scales = torch.pi * 2.0 ** torch.arange(frequencies, dtype=coords.dtype, device=coords.device)
     angles = (coords[:, None] * scales[None, :, None, None]).flatten(0, 1)
     return torch.cat([angles.sin(), angles.cos()])
 
@@ -49,6 +51,8 @@ class SpatialBroadcastDecoder(nn.Module):
         super().__init__()
         if layers < 1:
             raise ValueError("a broadcast decoder needs at least one 3x3 layer")
+        if type(frequencies) is not int or frequencies < 0:
+            raise ValueError(f"frequencies must be an integer >= 0, got {frequencies!r}")
         h, w = size
         self.latent_dim = latent_dim
         coordinate_channels = 2 + 4 * frequencies
