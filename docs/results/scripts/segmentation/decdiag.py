@@ -6,14 +6,10 @@ import json, sys
 from pathlib import Path
 import torch
 from torch.nn import functional as F
-from perception.train.config import TrainConfig
-from perception.train.loop import EVAL_SEED, build_run_model, load_data
+from _run import load_run
 torch.set_num_threads(1)
 for run in map(Path, sys.argv[1:]):
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-    state = torch.load(run / "encoder.pt", map_location="cpu", weights_only=False)
-    m = build_run_model(cfg, tuple(state["image_shape"])); m.load_state_dict(state["state_dict"]); m.eval()
-    sc = load_data(cfg, "test", 100, EVAL_SEED)
+    m, sc = load_run(run, 100)
     x = torch.from_numpy(sc.float_images())
     with torch.no_grad():
         lm = m.attend(x, m.num_slots); mu, _ = m.posterior(x, lm); means, logits = m.decode(mu)

@@ -6,14 +6,10 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch
 from perception.metrics import DUPLICATE_MIN_SHARE
-from perception.train.config import TrainConfig
-from perception.train.loop import EVAL_SEED, build_run_model, load_data
+from _run import load_run
 torch.set_num_threads(1); torch.manual_seed(0)
 for run in map(Path, sys.argv[1:]):
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-    state = torch.load(run / "encoder.pt", map_location="cpu", weights_only=False)
-    m = build_run_model(cfg, tuple(state["image_shape"])); m.load_state_dict(state["state_dict"]); m.eval()
-    sc = load_data(cfg, "test", 300, EVAL_SEED)
+    m, sc = load_run(run, 300)
     x = torch.from_numpy(sc.float_images())
     with torch.no_grad():
         outs = [m.encode(c) for c in x.split(100)]

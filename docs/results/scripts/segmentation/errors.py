@@ -11,20 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _run import load_run
 from perception.metrics import _ari_scores
-from perception.train.config import TrainConfig
-from perception.train.loop import EVAL_SEED, build_run_model, load_data
 
 torch.set_num_threads(1)
 for run in sys.argv[1:]:
     run = Path(run)
-    state = torch.load(run / "encoder.pt", map_location="cpu", weights_only=False)
-    import json
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-    model = build_run_model(cfg, tuple(state["image_shape"]))
-    model.load_state_dict(state["state_dict"])
-    model.eval()
-    scenes = load_data(cfg, "test", 300, EVAL_SEED)
+    model, scenes = load_run(run, 300)
     x = torch.from_numpy(scenes.float_images())
     with torch.no_grad():
         masks = torch.cat([model.encode(c).masks for c in x.split(100)]).numpy()

@@ -5,14 +5,10 @@ usage: python docs/results/scripts/segmentation/merges.py RUN_DIR
 import json, sys
 from pathlib import Path
 import numpy as np, torch
-from perception.train.config import TrainConfig
-from perception.train.loop import EVAL_SEED, build_run_model, load_data
+from _run import load_run
 torch.set_num_threads(1)
 run = Path(sys.argv[1])  # one run
-cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-state = torch.load(run / "encoder.pt", map_location="cpu", weights_only=False)
-m = build_run_model(cfg, tuple(state["image_shape"])); m.load_state_dict(state["state_dict"]); m.eval()
-sc = load_data(cfg, "test", 300, EVAL_SEED)
+m, sc = load_run(run, 300)
 x = sc.float_images()
 with torch.no_grad():
     masks = torch.cat([m.encode(c).masks for c in torch.from_numpy(x).split(100)]).numpy()

@@ -5,14 +5,11 @@ usage: python docs/results/scripts/segmentation/postvar.py RUN_DIR [RUN_DIR ...]
 import json, sys
 from pathlib import Path
 import torch
-from perception.train.config import TrainConfig
-from perception.train.loop import EVAL_SEED, build_run_model, load_data
+from _run import load_run
 torch.set_num_threads(1)
 for run in map(Path, sys.argv[1:]):
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-    st = torch.load(run / "encoder.pt", map_location="cpu", weights_only=False)
-    m = build_run_model(cfg, tuple(st["image_shape"])); m.load_state_dict(st["state_dict"]); m.eval()
-    x = torch.from_numpy(load_data(cfg, "test", 100, EVAL_SEED).float_images())
+    m, sc = load_run(run, 100)
+    x = torch.from_numpy(sc.float_images())
     with torch.no_grad():
         mu, logvar = m.posterior(x, m.attend(x, m.num_slots))
     sd = (0.5 * logvar).exp()
