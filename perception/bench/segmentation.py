@@ -170,12 +170,6 @@ def run_seed(
 ) -> dict[str, Any]:
     from perception.train.loop import train
 
-    if args.score_only:
-        cfg = dataclasses.replace(read_run_config(run_dir), device=args.device)
-        result = score_run(cfg, run_dir, args.eval_size, png, eval_options)
-        result.update(seed=seed, steps=cfg.steps, model_options=cfg.model_options)
-        return result
-
     cfg = TrainConfig(
         model=args.model, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         seed=seed, device=args.device, train_size=args.train_size, eval_size=8,
@@ -324,12 +318,18 @@ def main(argv: list[str]) -> int:
         eval_options = eval_options_of(args)
         name, scored = variant_name(args), output_name(args, eval_options)
         runs = Path(args.runs_dir) if args.runs_dir else out / "runs"
-        if args.score_only:
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
-                read_run_config(runs / f"{name}-s{seed}")  # every run is there before anything is written
+        seed_range = range(args.first_seed, args.first_seed + args.seeds)
+        # --score-only: every run must be there before anything is written
+        finished = {s: read_run_config(runs / f"{name}-s{s}") for s in seed_range} if args.score_only else {}
         seeds = []
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            result = run_seed(args, seed, runs / f"{name}-s{seed}", out / f"{scored}-s{seed}.png", eval_options)
+        for seed in seed_range:
+            run_dir, png = runs / f"{name}-s{seed}", out / f"{scored}-s{seed}.png"
+            if args.score_only:
+                cfg = dataclasses.replace(finished[seed], device=args.device)
+                result = score_run(cfg, run_dir, args.eval_size, png, eval_options)
+                result.update(seed=seed, steps=cfg.steps, model_options=cfg.model_options)
+            else:
+                result = run_seed(args, seed, run_dir, png, eval_options)
             print(json.dumps({"run": f"{name}-s{seed}", **result}), flush=True)
             seeds.append(result)
         report.update(
