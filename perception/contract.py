@@ -20,6 +20,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
+import types
+import typing
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -80,7 +82,12 @@ def check_images(images: Any, image_shape: tuple[int, int, int]) -> Tensor:
 
 
 def config_from_dict(config_cls: type, values: Mapping[str, Any] | None, what: str) -> Any:
-    """Build a dataclass config, rejecting unknown keys with the list of valid ones."""
+    """Build a dataclass config, rejecting unknown keys and values of the wrong type.
+
+    Values come from JSON (command lines, saved configs), so an ``int`` is accepted where a
+    ``float`` is declared and a list where a tuple is; a float or a bool where an ``int``
+    is declared is refused (``num_slots=2.5`` must not silently become 2 somewhere later).
+    """
     values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - set(fields))
@@ -88,7 +95,62 @@ def config_from_dict(config_cls: type, values: Mapping[str, Any] | None, what: s
         raise PerceptionError(
             f"unknown {what} option(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}"
         )
+    hints = typing.get_type_hints(config_cls)
+    for key, value in values.items():
+        try:
+            values[key] = _coerce(value, hints[key])
+        except TypeError:
+            raise PerceptionError(
+                f"{what} option {key} must be {_type_name(hints[key])}, got {value!r}"
+            ) from None
     return config_cls(**values)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint`` (the scalar, optional and tuple hints configs use), else TypeError."""
+    if hint is Any:
+        return value
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        for arg in args:
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError(hint)
+    if hint is type(None):
+        if value is None:
+            return None
+        raise TypeError(hint)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise TypeError(hint)
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(hint)
+    if hint in (int, bool, str):
+        if type(value) is hint:
+            return value
+        raise TypeError(hint)
+    return value  # a type configs do not use yet: left to the config itself
+
+
+def _type_name(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list, each item {_type_name(args[0])}"
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(a) for a in args)
+    return f"of type {hint}"
 
 
 class Encoder(nn.Module, abc.ABC):

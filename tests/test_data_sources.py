@@ -177,6 +177,36 @@ def test_unknown_option_lists_valid_ones():
         make_dataset("multi-mnist", max_digit=5)
 
 
+@pytest.mark.parametrize("value,message", [
+    (2.0, "max_digits must be an integer, got 2.0"), (True, "max_digits must be an integer, got True"),
+    ("3", "max_digits must be an integer, got '3'"),
+])
+def test_options_of_the_wrong_type_are_refused(value, message):
+    with pytest.raises(PerceptionError, match=message):
+        make_dataset("multi-mnist", max_digits=value)
+
+
+def test_json_values_are_read_as_the_declared_types():
+    """Options arrive as JSON: an int where a float is declared and a list where a tuple is are fine."""
+    from dataclasses import dataclass
+
+    from perception.contract import config_from_dict
+
+    @dataclass
+    class Config:
+        rate: float = 0.5
+        sizes: tuple[int, ...] = (1,)
+        scale: float | None = None
+
+    config = config_from_dict(Config, {"rate": 1, "sizes": [2, 3], "scale": 4}, "test")
+    assert config == Config(1.0, (2, 3), 4.0) and type(config.rate) is float and type(config.scale) is float
+    assert config_from_dict(Config, {"scale": None}, "test").scale is None
+    with pytest.raises(PerceptionError, match="sizes must be a list, each item an integer, got \\[2.5\\]"):
+        config_from_dict(Config, {"sizes": [2.5]}, "test")
+    with pytest.raises(PerceptionError, match="scale must be a number or null, got 'big'"):
+        config_from_dict(Config, {"scale": "big"}, "test")
+
+
 def test_options_override_the_preset():
     scenes = make_dataset("multi-mnist", size=200, min_digits=4, max_digits=5)
     assert scenes.max_objects == 5 and set(np.unique(scenes.counts)) == {4, 5}

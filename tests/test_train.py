@@ -162,6 +162,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         (["--model", "vae", "--estimator", "reinforce"], "has no discrete latent"),
         (["--data-dir", "/does/not/exist"], "/does/not/exist"),
         (["--model", "vae", "--model-option", "no_such_option=3"], "unknown model 'vae' option(s) no_such_option; valid: "),
+        (["--model", "vae", "--model-option", "latent_dim=2.5"], "model 'vae' option latent_dim must be an integer, got 2.5"),
     ],
 )
 def test_pretrain_cli_bad_input_is_one_clear_line(tmp_path, args, message):

@@ -116,9 +116,9 @@ def variant_name(args: argparse.Namespace) -> str:
     return f"{args.dataset}-{args.model}" + ("-lds" if args.lds else "")
 
 
-def eval_options_of(args: argparse.Namespace) -> dict[str, Any]:
-    """``--eval-option`` pairs, checked before any training: inference-only keys the model has,
-    with values its configuration accepts."""
+def eval_options_of(args: argparse.Namespace, bases: list[dict[str, Any]]) -> dict[str, Any]:
+    """``--eval-option`` pairs, checked before any training or scoring: inference-only keys the
+    model has, with values that each run's options (``bases``) accept."""
     from perception.models import build_model, model_class
 
     options = parse_options(args.eval_option, "eval")
@@ -131,7 +131,8 @@ def eval_options_of(args: argparse.Namespace) -> dict[str, Any]:
         from perception.data import make_dataset
 
         shape = make_dataset(args.dataset, "test", 1, 0).image_shape
-        build_model(args.model, {**model_options(args), **options}, shape)
+        for base in bases:
+            build_model(args.model, {**base, **options}, shape)
     return options
 
 
@@ -315,12 +316,14 @@ def main(argv: list[str]) -> int:
         report["cost"] = measure_cost(args)
         path = out / f"cost-{args.dataset}-{args.model}-{args.device}.json"
     else:
-        eval_options = eval_options_of(args)
-        name, scored = variant_name(args), output_name(args, eval_options)
+        name = variant_name(args)
         runs = Path(args.runs_dir) if args.runs_dir else out / "runs"
         seed_range = range(args.first_seed, args.first_seed + args.seeds)
         # --score-only: every run must be there before anything is written
         finished = {s: read_run_config(runs / f"{name}-s{s}") for s in seed_range} if args.score_only else {}
+        bases = [cfg.model_options for cfg in finished.values()] if args.score_only else [model_options(args)]
+        eval_options = eval_options_of(args, bases)
+        scored = output_name(args, eval_options)
         seeds = []
         for seed in seed_range:
             run_dir, png = runs / f"{name}-s{seed}", out / f"{scored}-s{seed}.png"

@@ -163,9 +163,9 @@ class IODINE(Encoder):
         if config.iterations < 1:
             raise PerceptionError(f"iodine: iterations must be >= 1, got {config.iterations}")
         counts = (config.num_slots, config.test_slots, config.test_iterations, config.decoder_frequencies)
-        if any(type(n) is not int for n in counts) or config.num_slots < 1 or min(counts) < 0:
+        if config.num_slots < 1 or min(counts) < 0:
             raise PerceptionError(
-                "iodine: need integers num_slots >= 1 and test_slots, test_iterations, decoder_frequencies >= 0,"
+                "iodine: need num_slots >= 1 and test_slots, test_iterations, decoder_frequencies >= 0,"
                 f" got {counts}"
             )
         if max(config.num_slots, config.test_slots) > MAX_SLOTS:

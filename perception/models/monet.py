@@ -94,9 +94,10 @@ class MONet(Encoder):
 
     def __init__(self, config: MONetConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        counts = (config.num_slots, config.test_slots)
-        if any(type(n) is not int for n in counts) or config.num_slots < 1 or config.test_slots < 0:
-            raise PerceptionError(f"monet: need integers num_slots >= 1 and test_slots >= 0, got {counts}")
+        if config.num_slots < 1 or config.test_slots < 0:
+            raise PerceptionError(
+                f"monet: need num_slots >= 1 and test_slots >= 0, got {config.num_slots}, {config.test_slots}"
+            )
         c, h, w = self.image_shape
         self.attention = UNet(c + 1, 1, config.unet_channels, config.unet_depth)
         conv, features = conv_encoder(c + 1, h, config.encoder_channels)
