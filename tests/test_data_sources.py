@@ -178,7 +178,7 @@ def test_unknown_option_lists_valid_ones():
 
 
 @pytest.mark.parametrize("value,message", [
-    (2.0, "max_digits must be an integer, got 2.0"), (True, "max_digits must be an integer, got True"),
+    (2.0, "max_digits must be an integer, got 2.0"), (np.bool_(True), "max_digits must be an integer"), (True, "max_digits must be an integer, got True"),
     ("3", "max_digits must be an integer, got '3'"),
 ])
 def test_options_of_the_wrong_type_are_refused(value, message):
@@ -201,6 +201,8 @@ def test_json_values_are_read_as_the_declared_types():
     config = config_from_dict(Config, {"rate": 1, "sizes": [2, 3], "scale": 4}, "test")
     assert config == Config(1.0, (2, 3), 4.0) and type(config.rate) is float and type(config.scale) is float
     assert config_from_dict(Config, {"scale": None}, "test").scale is None
+    sweep = config_from_dict(Config, {"rate": np.float32(0.25), "sizes": np.arange(2)}, "test")  # numpy sweeps
+    assert sweep == Config(0.25, (0, 1)) and all(type(s) is int for s in sweep.sizes)
     with pytest.raises(PerceptionError, match="sizes must be a list, each item an integer, got \\[2.5\\]"):
         config_from_dict(Config, {"sizes": [2.5]}, "test")
     with pytest.raises(PerceptionError, match="scale must be a number or null, got 'big'"):

@@ -7,7 +7,7 @@ import torch
 
 from perception.data import make_dataset
 from perception.errors import PerceptionError
-from perception.models import build_model
+from perception.models import build_model, model_class
 from perception.models.iodine import IODINE, mixture_gradients, mixture_terms
 from perception.models.lds import lds_penalty
 from perception.models.monet import MONet
@@ -362,3 +362,6 @@ def test_bundled_monet_checkpoints_still_segment_held_out_scenes(name, dataset, 
 def test_slot_and_frequency_counts_must_be_non_negative_integers(name, options, message):
     with pytest.raises(PerceptionError, match=message):
         tiny(name, (3, 35, 35), **options)
+    cls = model_class(name)  # built directly from its Config, not through build_model: the same checks
+    with pytest.raises(PerceptionError, match=message):
+        cls(cls.Config(**{**TINY[name], **options}), (3, 35, 35))

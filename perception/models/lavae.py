@@ -263,7 +263,7 @@ class LAVAE(Encoder):
         if k < 1:
             raise PerceptionError(f"lavae: max_objects must be >= 1, got {k}")
         new = copy.deepcopy(self)
-        new.config = dataclasses.replace(self.config, max_objects=k)
+        new.config = dataclasses.replace(self.config, max_objects=int(k))
         old = self.count_prior_logits.detach()
         pad = old.min().expand(max(0, k + 1 - old.numel()))
         new.count_prior_logits = nn.Parameter(torch.cat([old[: k + 1], pad]).clone())
