@@ -23,6 +23,7 @@ CPU time (see :func:`step_decomposition`); ``wrapper_overhead`` = wrapper / enco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -37,7 +38,7 @@ import numpy as np
 from perception.train.loop import json_safe
 
 from agents.environment import ObservationSource, encoder_tag
-from agents.evaluate import EVAL_SEED, greedy_return
+from agents.evaluate import EVAL_SEED, greedy_return, read_source
 from envs.encoders import BACKENDS, REPRESENTATIONS
 from agents.train import PPOSettings, RunConfig, train
 from perception.errors import PerceptionError
@@ -92,7 +93,7 @@ def cached_greedy_return(run_dir: Path, episodes: int, env_steps: float) -> floa
         "episodes": episodes,
         "seed": EVAL_SEED,
         "env_steps": env_steps,
-        "source": json.loads((run_dir / "run.json").read_text())["source"],
+        "source": dataclasses.asdict(read_source(run_dir)),
         "checkpoint_mtime_ns": (run_dir / "checkpoint").stat().st_mtime_ns,
     }
     try:

@@ -44,7 +44,7 @@ def load_module(run_dir: str | Path) -> Any:
     return module
 
 
-def _source(run_dir: str | Path) -> ObservationSource:
+def read_source(run_dir: str | Path) -> ObservationSource:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise PerceptionError(f"{run_dir}: no run.json (not an agents run directory)")
@@ -69,7 +69,7 @@ def greedy_return(run_dir: str | Path, episodes: int, seed: int = EVAL_SEED) -> 
 
     if episodes < 1:
         raise PerceptionError(f"episodes must be >= 1, got {episodes}")
-    source = _source(run_dir)
+    source = read_source(run_dir)
     module = load_module(run_dir)
     env = make_env(source)
     returns = []
