@@ -156,6 +156,7 @@ class AIR(Encoder):
 
     def __init__(self, config: AIRConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
+        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         c, h, w = self.image_shape
         self.objects = self.build_object_model()
         pool = config.input_pool

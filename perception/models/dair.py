@@ -64,6 +64,8 @@ class DAIRConfig(AIRConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.num_classes < 2:
+            raise PerceptionError(f"dair needs num_classes >= 2, got {self.num_classes}")
         if not 0 < self.frame_scale <= 2 or self.align_iters < 0:
             raise PerceptionError("dair needs 0 < frame_scale <= 2 and align_iters >= 0")
         if self.align_search < 1 or self.align_search % 2 == 0 or self.align_step <= 0:
@@ -186,8 +188,6 @@ class DAIR(AIR):
     name = "dair"
 
     def __init__(self, config: DAIRConfig, image_shape: tuple[int, int, int]):
-        if config.num_classes < 2:
-            raise PerceptionError(f"dair needs num_classes >= 2, got {config.num_classes}")
         super().__init__(config, image_shape)
         self.register_buffer("warm_started", torch.zeros((), dtype=torch.bool))
 

@@ -180,6 +180,7 @@ class DVAE(Encoder):
 
     def __init__(self, config: DVAEConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
+        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         if config.num_classes < 2:
             raise PerceptionError(f"num_classes must be at least 2, got {config.num_classes}")
         if config.extra_classes < 0:

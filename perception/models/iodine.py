@@ -158,6 +158,7 @@ class IODINE(Encoder):
 
     def __init__(self, config: IODINEConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
+        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         c, h, w = self.image_shape
         d = config.latent_dim
         if config.iterations < 1:

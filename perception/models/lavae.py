@@ -224,6 +224,7 @@ class LAVAE(Encoder):
 
     def __init__(self, config: LAVAEConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
+        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         c, h, w = self.image_shape
         cell = LocationAppearanceNet.CELL
         if h % cell or w % cell:

@@ -94,6 +94,7 @@ class MONet(Encoder):
 
     def __init__(self, config: MONetConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
+        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         if config.num_slots < 1 or config.test_slots < 0:
             raise PerceptionError(
                 f"monet: need num_slots >= 1 and test_slots >= 0, got {config.num_slots}, {config.test_slots}"

@@ -30,6 +30,7 @@ class ConvVAE(Encoder):
 
     def __init__(self, config: VAEConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
+        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         c, h, w = self.image_shape
         self.encoder, features = conv_encoder(c, h, config.channels)
         self.to_posterior = nn.Linear(features, 2 * config.latent_dim)
