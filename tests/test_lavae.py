@@ -3,6 +3,7 @@ placement, test-time object counts. Tiny images (16x16) keep the whole file to s
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -140,6 +141,11 @@ def test_each_estimator_runs_a_training_step(estimator):
 def test_exact_refuses_large_images_and_enumerates_tiny_ones():
     with pytest.raises(PerceptionError, match="exact estimator would enumerate 256\\^2"):
         model(estimator="exact")
+    # a numpy count from a sweep is coerced first: 4096 ** np.int64(6) would wrap to 0 and pass the guard
+    from perception.models.lavae import LAVAE
+
+    with pytest.raises(PerceptionError, match="exact estimator would enumerate 4096\\^6"):
+        LAVAE(LAVAE.Config(max_objects=np.int64(6), estimator="exact"), (1, 64, 64))
     tiny = build_model("lavae", {**SMALL, "estimator": "exact", "max_objects": 1, "sprite_size": 3}, (1, 4, 4))
     x = torch.zeros(2, 1, 4, 4)
     x[:, 0, 1, 1] = 1.0
