@@ -131,7 +131,8 @@ def eval_options_of(args: argparse.Namespace, bases: list[dict[str, Any]]) -> di
         from perception.data import make_dataset
 
         shape = make_dataset(args.dataset, "test", 1, 0).image_shape
-        for base in bases:
+        distinct = {json.dumps(base, sort_keys=True): base for base in bases}  # seeds usually share options
+        for base in distinct.values():
             build_model(args.model, {**base, **options}, shape)
     return options
 
