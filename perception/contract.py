@@ -18,14 +18,9 @@ so that the same image always gives the same representation.
 from __future__ import annotations
 
 import abc
-import dataclasses
-import numbers
 from dataclasses import dataclass
-import types
-import typing
 from typing import Any, ClassVar, Mapping
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -83,98 +78,6 @@ def check_images(images: Any, image_shape: tuple[int, int, int]) -> Tensor:
     return images
 
 
-def config_from_dict(config_cls: type, values: Mapping[str, Any] | None, what: str) -> Any:
-    """Build a dataclass config, rejecting unknown keys and values of the wrong type.
-
-    Values come from JSON (command lines, saved configs) or Python sweeps, so any integer
-    (numpy's too) is accepted where a ``float`` is declared and a list where a tuple is; a
-    float or a bool where an ``int`` is declared is refused (``num_slots=2.5`` must not
-    silently become 2 somewhere later).
-    """
-    values = dict(values or {})
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise PerceptionError(
-            f"unknown {what} option(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}"
-        )
-    hints = typing.get_type_hints(config_cls)
-    for key, value in values.items():
-        try:
-            values[key] = _coerce(value, hints[key])
-        except (TypeError, OverflowError):
-            raise PerceptionError(
-                f"{what} option {key} must be {_type_name(hints[key])}, got {value!r}"
-            ) from None
-    return config_cls(**values)
-
-
-def _field_values(config: Any) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """``value`` as type ``hint`` (the scalar, optional and tuple hints configs use), else TypeError."""
-    if hint is Any:
-        return value
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        for arg in args:
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                pass
-        raise TypeError(hint)
-    if hint is type(None):
-        if value is None:
-            return None
-        raise TypeError(hint)
-    if typing.get_origin(hint) is tuple:
-        if not isinstance(value, (list, tuple, np.ndarray)):
-            raise TypeError(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in value)
-        if len(args) != len(value):
-            raise TypeError(hint)
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    if typing.get_origin(hint) is typing.Literal:
-        if value in args:
-            return value
-        raise TypeError(hint)
-    if hint is bool:
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        raise TypeError(hint)
-    is_bool = isinstance(value, (bool, np.bool_))
-    if hint is int:
-        if isinstance(value, numbers.Integral) and not is_bool:
-            return int(value)
-        raise TypeError(hint)
-    if hint is float:
-        if isinstance(value, numbers.Real) and not is_bool:
-            return float(value)
-        raise TypeError(hint)
-    if isinstance(hint, type):
-        if isinstance(value, hint):
-            return value
-        raise TypeError(hint)
-    raise NotImplementedError(f"config fields of type {hint} are not supported by config_from_dict")
-
-
-def _type_name(hint: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
-    if hint in names:
-        return names[hint]
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return f"a list, each item {_type_name(args[0])}"
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return " or ".join(_type_name(a) for a in args)
-    return f"of type {hint}"
-
-
 class Encoder(nn.Module, abc.ABC):
     """Base of every object-centric model.
 
@@ -192,9 +95,8 @@ class Encoder(nn.Module, abc.ABC):
 
     def __init__(self, config: Any, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
-        # models built directly from their Config (not through build_model) get the same checks
-        if dataclasses.is_dataclass(config):
-            config = config_from_dict(type(config), _field_values(config), f"model '{self.name}'")
+        if not isinstance(config, self.Config):  # a Config checks its own options (perception/config.py)
+            raise PerceptionError(f"model '{self.name}' needs a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
         self.image_shape = tuple(int(s) for s in image_shape)
 

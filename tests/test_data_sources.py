@@ -190,10 +190,10 @@ def test_json_values_are_read_as_the_declared_types():
     """Options arrive as JSON: an int where a float is declared and a list where a tuple is are fine."""
     from dataclasses import dataclass
 
-    from perception.contract import config_from_dict
+    from perception.config import CheckedConfig, config_from_dict
 
     @dataclass
-    class Config:
+    class Config(CheckedConfig):
         rate: float = 0.5
         sizes: tuple[int, ...] = (1,)
         scale: float | None = None

@@ -272,8 +272,10 @@ def _scenes(n=5, size=16, kmax=3, seed=0):
 class _Oracle(Encoder):
     """Returns the ground truth of the scenes it was built with (looked up by call order)."""
 
+    Config = dict  # no options
+
     def __init__(self, scenes, masks=True, classes=True):
-        super().__init__(None, scenes.image_shape)
+        super().__init__({}, scenes.image_shape)
         self.scenes, self.masks, self.classes, self.seen = scenes, masks, classes, 0
         self.weight = torch.nn.Parameter(torch.zeros(1))
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from perception.contract import config_from_dict
+from perception.config import config_from_dict
 from perception.data.cache import load_or_build
 from perception.data.digits import SPLITS, DigitPool, load_digit_pool
 from perception.data.dsprites import DSpritesConfig, generate_multi_dsprites

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from perception.config import CheckedConfig
 from perception.data.types import Scenes
 from perception.errors import PerceptionError
 
@@ -31,13 +32,14 @@ CHUNK = 512
 
 
 @dataclass(frozen=True)
-class DSpritesConfig:
+class DSpritesConfig(CheckedConfig):
     canvas: int = 64
     min_objects: int = 2
     max_objects: int = 5
     binary_colours: bool = False  # LAVAE setting: channels in {0, 1}, black background
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.canvas < 16:
             raise PerceptionError(f"multi-dsprites: canvas must be >= 16, got {self.canvas}")
         if not 1 <= self.min_objects <= self.max_objects <= 254:

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from perception.config import CheckedConfig
 from perception.data.digits import DigitPool
 from perception.data.types import Scenes
 from perception.errors import PerceptionError
@@ -28,7 +29,7 @@ CHUNK = 8192  # scenes rendered at once, bounds the uint16 scratch canvas
 
 
 @dataclass(frozen=True)
-class MultiMNISTConfig:
+class MultiMNISTConfig(CheckedConfig):
     canvas: int = 64
     digit_size: int = 20
     min_digits: int = 0
@@ -37,6 +38,7 @@ class MultiMNISTConfig:
     binarize: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 1 <= self.digit_size <= self.canvas:
             raise PerceptionError(
                 f"multi-mnist: digit_size must be in [1, canvas={self.canvas}], got {self.digit_size}"

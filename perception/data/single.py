@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from perception.config import CheckedConfig
 from perception.data.digits import DigitPool, resize_images
 from perception.data.types import Scenes
 from perception.errors import PerceptionError
@@ -20,7 +21,7 @@ SEGMENT_THRESHOLD = 25  # uint8 intensity > 25.5, i.e. > 0.1 of full scale
 
 
 @dataclass(frozen=True)
-class SingleConfig:
+class SingleConfig(CheckedConfig):
     classes: tuple[int, ...] = ()  # empty: every class
     # 0: the pool's own images. Else each is resized to render_size px and back to 28 px: a digit
     # as a scene draws it (canonical Multi-MNIST: 20 px) and an object model reads it back (DAIR's
@@ -28,11 +29,10 @@ class SingleConfig:
     render_size: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+        super().__post_init__()
         if any(not 0 <= c <= 9 for c in self.classes):
             raise PerceptionError(f"single-object set: classes must be in 0-9, got {list(self.classes)}")
-        size = self.render_size
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 28:
+        if not 0 <= self.render_size <= 28:
             raise PerceptionError(f"single-object set: render_size must be in 0-28, got {self.render_size}")
 
     @property

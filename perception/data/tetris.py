@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from perception.config import CheckedConfig
 from perception.data.types import Scenes
 from perception.errors import PerceptionError
 
@@ -53,10 +54,11 @@ SHAPES = _orientations()
 
 
 @dataclass(frozen=True)
-class TetrisConfig:
+class TetrisConfig(CheckedConfig):
     pieces: int = 3
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 1 <= self.pieces <= len(COLOURS):  # one distinct colour per piece
             raise PerceptionError(f"tetris: pieces must be in [1, 6], got {self.pieces}")
 

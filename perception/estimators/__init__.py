@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from perception.contract import config_from_dict
+from perception.config import config_from_dict
 from perception.errors import PerceptionError
 from perception.estimators import concrete, exact, relax, score  # noqa: F401  (registration)
 from perception.estimators.base import (

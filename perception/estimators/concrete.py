@@ -14,17 +14,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from perception.config import CheckedConfig
 from perception.errors import PerceptionError
 from perception.estimators import distributions as D
 from perception.estimators.base import ESTIMATORS, Estimate, Estimator, LossFn
 
 
 @dataclass
-class ConcreteConfig:
+class ConcreteConfig(CheckedConfig):
     temperature: float = 0.66
     straight_through: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.temperature <= 0:
             raise PerceptionError(f"concrete temperature must be positive, got {self.temperature}")
 

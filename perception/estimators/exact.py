@@ -15,15 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from perception.config import CheckedConfig
 from perception.errors import PerceptionError
 from perception.estimators.base import ESTIMATORS, Estimate, Estimator, LossFn
 
 
 @dataclass
-class ExactConfig:
+class ExactConfig(CheckedConfig):
     max_states: int = 4096
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_states < 1:
             raise PerceptionError(f"exact max_states must be positive, got {self.max_states}")
 

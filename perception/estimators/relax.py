@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perception.config import CheckedConfig
 from perception.errors import PerceptionError
 from perception.estimators import distributions as D
 from perception.estimators.base import ESTIMATORS, Estimate, Estimator, LossFn, inject
@@ -67,13 +68,14 @@ from perception.estimators.moments import RunningMoments
 
 
 @dataclass
-class RebarConfig:
+class RebarConfig(CheckedConfig):
     temperature: float = 0.5  # initial lambda (learned)
     eta: float = 1.0  # initial control-variate scale (learned)
     loss_hessian: bool = True  # lambda's objective keeps the loss-curvature term (two more loss_fn rows)
     lr: float | None = None  # None: the model's learning rate
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.temperature <= 0:
             raise PerceptionError(f"temperature must be positive, got {self.temperature}")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from perception.config import CheckedConfig
 from perception.errors import PerceptionError
 from perception.estimators import distributions as D
 from perception.estimators.base import ESTIMATORS, Estimate, Estimator, LossFn, inject
@@ -37,7 +38,7 @@ class _ScoreFunction(Estimator):
 
 
 @dataclass
-class ReinforceConfig:
+class ReinforceConfig(CheckedConfig):
     pass
 
 
@@ -54,12 +55,13 @@ class Reinforce(_ScoreFunction):
 
 
 @dataclass
-class NVILConfig:
+class NVILConfig(CheckedConfig):
     hidden: int = 100  # baseline MLP width (used with a context)
     decay: float = 0.8  # running-statistics decay (alpha in the paper)
     lr: float | None = 0.1  # the baseline's learning rate, as in the thesis
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.hidden < 1 or not 0.0 <= self.decay < 1.0:
             raise PerceptionError(f"nvil needs hidden >= 1 and 0 <= decay < 1, got {self.hidden}, {self.decay}")
 

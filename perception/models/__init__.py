@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from perception.contract import Encoder, config_from_dict
+from perception.config import config_from_dict
+from perception.contract import Encoder
 from perception.registry import Registry
 
 MODELS: Registry[str] = Registry("model")

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perception.config import CheckedConfig
 from perception.contract import Encoder, EncoderOutput, ModelLoss
 from perception.errors import PerceptionError
 from perception.nn.blocks import gaussian_kl
@@ -61,7 +62,7 @@ WHERE_NAMES = ["where_scale", "where_x", "where_y"]
 
 
 @dataclass
-class AIRConfig:
+class AIRConfig(CheckedConfig):
     max_steps: int = 3  # K: objects per image (the contract's num_slots)
     glimpse_size: int = 20
     what_dim: int = 20
@@ -85,6 +86,7 @@ class AIRConfig:
     # the floor from step 0; explore=0 or explore_floor=0 switches exploration off for good)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_steps < 1 or self.glimpse_size < 2 or self.what_dim < 1 or self.input_pool < 1:
             raise PerceptionError("air needs max_steps >= 1, glimpse_size >= 2, what_dim >= 1 and input_pool >= 1")
         if not (0 < self.pres_prior_end < 1 and 0 < self.pres_prior_start < 1):
@@ -156,7 +158,6 @@ class AIR(Encoder):
 
     def __init__(self, config: AIRConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         c, h, w = self.image_shape
         self.objects = self.build_object_model()
         pool = config.input_pool

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perception.config import CheckedConfig
 from perception.contract import Encoder, EncoderOutput, ModelLoss
 from perception.errors import CheckpointError, PerceptionError
 from perception.nn.blocks import conv_encoder
@@ -60,7 +61,7 @@ CLASS_INFERENCE = ("posterior", "classifier")
 
 
 @dataclass
-class DVAEConfig:
+class DVAEConfig(CheckedConfig):
     num_classes: int = 10
     estimator: str = "exact"
     channels: int = 32
@@ -90,6 +91,19 @@ class DVAEConfig:
     # each class's inferred transform, which removes the classifier's amortisation gap but
     # compares ~100-nat likelihoods, so float32 noise between runtimes exceeds the export tolerance.
     class_inference: str = "classifier"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_classes < 2:
+            raise PerceptionError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.extra_classes < 0:
+            raise PerceptionError(f"extra_classes must be 0 or more, got {self.extra_classes}")
+        if self.init not in INITS:
+            raise PerceptionError(f"unknown prototype init '{self.init}'; valid: {', '.join(INITS)}")
+        if self.class_inference not in CLASS_INFERENCE:
+            raise PerceptionError(
+                f"unknown class_inference '{self.class_inference}'; valid: {', '.join(CLASS_INFERENCE)}"
+            )
 
 
 class Reading(NamedTuple):
@@ -180,17 +194,6 @@ class DVAE(Encoder):
 
     def __init__(self, config: DVAEConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
-        if config.num_classes < 2:
-            raise PerceptionError(f"num_classes must be at least 2, got {config.num_classes}")
-        if config.extra_classes < 0:
-            raise PerceptionError(f"extra_classes must be 0 or more, got {config.extra_classes}")
-        if config.init not in INITS:
-            raise PerceptionError(f"unknown prototype init '{config.init}'; valid: {', '.join(INITS)}")
-        if config.class_inference not in CLASS_INFERENCE:
-            raise PerceptionError(
-                f"unknown class_inference '{config.class_inference}'; valid: {', '.join(CLASS_INFERENCE)}"
-            )
         from perception.estimators import build_estimator
 
         c, h, _ = self.image_shape

@@ -47,7 +47,6 @@ class DVAEST(DVAE):
 
     def __init__(self, config: DVAESTConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         d, num = len(self.transform_names), self.num_prototypes
         self.to_transform = nn.Sequential(
             nn.Linear(config.hidden, config.hidden), nn.ReLU(), nn.Linear(config.hidden, num * 2 * d)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from perception.config import CheckedConfig
 from perception.contract import Encoder, EncoderOutput, ModelLoss
 from perception.errors import PerceptionError
 from perception.models.lds import lds_penalty
@@ -41,7 +42,7 @@ MAX_RATIO_LOG = 30.0  # dL/dmask = -p_k / p(x) can overflow float32 where a slot
 
 
 @dataclass
-class IODINEConfig:
+class IODINEConfig(CheckedConfig):
     num_slots: int = 6
     iterations: int = 3  # refinement steps in training
     test_slots: int = 0  # 0: as in training
@@ -59,6 +60,19 @@ class IODINEConfig:
     lds_weight: float = 1.0
     lds_on_means: bool = False  # LDS on the posterior means instead of the samples (see models/lds.py)
     presence_min_area: float = 0.004  # share of the image a slot's argmax mask must cover
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.iterations < 1:
+            raise PerceptionError(f"iodine: iterations must be >= 1, got {self.iterations}")
+        counts = (self.num_slots, self.test_slots, self.test_iterations, self.decoder_frequencies)
+        if self.num_slots < 1 or min(counts) < 0:
+            raise PerceptionError(
+                "iodine: need num_slots >= 1 and test_slots, test_iterations, decoder_frequencies >= 0,"
+                f" got {counts}"
+            )
+        if max(self.num_slots, self.test_slots) > MAX_SLOTS:
+            raise PerceptionError(f"iodine: at most {MAX_SLOTS} slots, got {max(self.num_slots, self.test_slots)}")
 
 
 @dataclass
@@ -158,19 +172,8 @@ class IODINE(Encoder):
 
     def __init__(self, config: IODINEConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         c, h, w = self.image_shape
         d = config.latent_dim
-        if config.iterations < 1:
-            raise PerceptionError(f"iodine: iterations must be >= 1, got {config.iterations}")
-        counts = (config.num_slots, config.test_slots, config.test_iterations, config.decoder_frequencies)
-        if config.num_slots < 1 or min(counts) < 0:
-            raise PerceptionError(
-                "iodine: need num_slots >= 1 and test_slots, test_iterations, decoder_frequencies >= 0,"
-                f" got {counts}"
-            )
-        if max(config.num_slots, config.test_slots) > MAX_SLOTS:
-            raise PerceptionError(f"iodine: at most {MAX_SLOTS} slots, got {max(config.num_slots, config.test_slots)}")
         self.decoder = SpatialBroadcastDecoder(
             d, c + 1, (h, w), config.decoder_channels, config.decoder_layers, config.decoder_frequencies
         )

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perception.config import CheckedConfig
 from perception.contract import Encoder, EncoderOutput, ModelLoss
 from perception.errors import PerceptionError
 from perception.estimators import build_estimator
@@ -67,7 +68,7 @@ EXACT_MAX_STATES = 4096  # the exact estimator's default enumeration limit
 
 
 @dataclass
-class LAVAEConfig:
+class LAVAEConfig(CheckedConfig):
     max_objects: int = 3
     appearance_dim: int = 10
     sprite_size: int = 15  # odd, so the sprite centre is a pixel; 15 for the lavae preset
@@ -82,6 +83,7 @@ class LAVAEConfig:
     warmup_single_object: bool = False  # also force n = 1 during the warm-up (the paper's second warm-up)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_objects < 1:
             raise PerceptionError(f"lavae: max_objects must be >= 1, got {self.max_objects}")
         if self.sprite_size < 1 or self.sprite_size % 2 == 0:
@@ -224,7 +226,6 @@ class LAVAE(Encoder):
 
     def __init__(self, config: LAVAEConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         c, h, w = self.image_shape
         cell = LocationAppearanceNet.CELL
         if h % cell or w % cell:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from perception.config import CheckedConfig
 from perception.contract import Encoder, EncoderOutput, ModelLoss
 from perception.errors import PerceptionError
 from perception.models.lds import lds_penalty
@@ -36,7 +37,7 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
-class MONetConfig:
+class MONetConfig(CheckedConfig):
     num_slots: int = 6  # multi-dSprites: up to 5 sprites + background
     test_slots: int = 0  # slots outside training (0: as in training); the attention simply runs longer
     latent_dim: int = 16
@@ -53,6 +54,13 @@ class MONetConfig:
     lds_weight: float = 0.5
     lds_on_means: bool = False  # LDS on the posterior means instead of the samples (see models/lds.py)
     presence_min_area: float = 0.004  # share of the image a slot's argmax mask must cover
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_slots < 1 or self.test_slots < 0:
+            raise PerceptionError(
+                f"monet: need num_slots >= 1 and test_slots >= 0, got {self.num_slots}, {self.test_slots}"
+            )
 
 
 def log_sigmoid(x: Tensor) -> Tensor:
@@ -94,11 +102,6 @@ class MONet(Encoder):
 
     def __init__(self, config: MONetConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
-        if config.num_slots < 1 or config.test_slots < 0:
-            raise PerceptionError(
-                f"monet: need num_slots >= 1 and test_slots >= 0, got {config.num_slots}, {config.test_slots}"
-            )
         c, h, w = self.image_shape
         self.attention = UNet(c + 1, 1, config.unet_channels, config.unet_depth)
         conv, features = conv_encoder(c + 1, h, config.encoder_channels)

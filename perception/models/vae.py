@@ -13,12 +13,13 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from perception.config import CheckedConfig
 from perception.contract import Encoder, EncoderOutput, ModelLoss
 from perception.nn.blocks import ConvDecoder, bernoulli_nll, conv_encoder, gaussian_kl
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(CheckedConfig):
     latent_dim: int = 16
     channels: int = 32
     beta: float = 1.0
@@ -30,7 +31,6 @@ class ConvVAE(Encoder):
 
     def __init__(self, config: VAEConfig, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape)
-        config = self.config  # checked and coerced (numpy scalars, lists) by Encoder.__init__
         c, h, w = self.image_shape
         self.encoder, features = conv_encoder(c, h, config.channels)
         self.to_posterior = nn.Linear(features, 2 * config.latent_dim)

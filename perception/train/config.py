@@ -6,9 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from perception.config import CheckedConfig
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CheckedConfig):
     # Defaults: the bundled AIR's recipe (perception/pretrained/air.md), so that
     # `python -m perception.pretrain` alone reproduces the default encoder.
     model: str = "air"
