@@ -27,8 +27,11 @@ class OptionTypeError(PerceptionError):
     """An option whose value is not of its declared type."""
 
     def __init__(self, owner: str, field: str, expected: str, value: Any) -> None:
-        self.field, self.expected, self.value = field, expected, value
+        self.owner, self.field, self.expected, self.value = owner, field, expected, value
         super().__init__(f"{owner} option {field} must be {expected}, got {value!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in worker processes, re-raised in the parent
+        return type(self), (self.owner, self.field, self.expected, self.value)
 
     def reworded(self, owner: str) -> "OptionTypeError":
         """The same error, naming the option's owner as the user knows it (``model 'vae'``)."""
@@ -77,10 +80,10 @@ def _hints(config_cls: type) -> dict[str, Any]:
 
 def _coerce(value: Any, hint: Any) -> Any:
     """``value`` as type ``hint`` (the scalar, optional, tuple and dict hints configs use), else TypeError."""
-    if hint is Any:
-        return value
     if isinstance(value, np.generic):  # numpy scalars from sweeps: compare and store Python values
         value = value.item()
+    if hint is Any:
+        return value
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)
     if isinstance(hint, types.UnionType) or origin is typing.Union:

@@ -95,7 +95,9 @@ class Encoder(nn.Module, abc.ABC):
 
     def __init__(self, config: Any, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
-        if not isinstance(config, self.Config):  # a Config checks its own options (perception/config.py)
+        # exactly the model's Config (a Config checks its own options, perception/config.py): a
+        # subclass's config would build but be saved with options the model cannot load back
+        if type(config) is not self.Config:
             raise PerceptionError(f"model '{self.name}' needs a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
         self.image_shape = tuple(int(s) for s in image_shape)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from perception.cli import parse_options, run_cli
-from perception.train.config import TrainConfig
+from perception.train.config import TrainConfig, read_train_config
 from perception.train.loop import json_safe
 
 
@@ -54,7 +54,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         given["dataset_options"] = parse_options(args.dataset_option, "dataset")
     base = TrainConfig()
     if args.resume and args.out and (Path(args.out) / "config.json").is_file():
-        base = TrainConfig(**json.loads((Path(args.out) / "config.json").read_text()))
+        base = read_train_config(Path(args.out) / "config.json")
     cfg = dataclasses.replace(base, **given)
     out = Path(args.out or f"runs/{cfg.model}-{cfg.dataset}-s{cfg.seed}")
     return cfg, out

@@ -30,8 +30,8 @@ def wrong_value(config_cls: type) -> tuple[str, object] | None:
     hints = typing.get_type_hints(config_cls)
     fields = [f.name for f in dataclasses.fields(config_cls) if f.init]
     for name in fields:
-        if hints[name] is int:
-            return name, 2.5
+        if hints[name] is int:  # a string: a range check run before the type check would raise TypeError
+            return name, "2"
     for name in fields:
         if hints[name] is float:
             return name, "big"
@@ -100,11 +100,54 @@ def test_train_config_checks_json_values():
 
 
 def test_a_model_refuses_a_config_of_another_model():
+    from perception.models.dvae import DVAE
+    from perception.models.dvaest import DVAESTConfig
     from perception.models.monet import MONet
     from perception.models.vae import VAEConfig
 
     with pytest.raises(PerceptionError, match="model 'monet' needs a MONetConfig, got VAEConfig"):
         MONet(VAEConfig(), (3, 35, 35))
+    # a subclass's config too: the model would save options it cannot load back
+    with pytest.raises(PerceptionError, match="model 'dvae' needs a DVAEConfig, got DVAESTConfig"):
+        DVAE(DVAESTConfig(), (1, 28, 28))
+
+
+def test_type_errors_survive_worker_processes():
+    """The cost and clustering benches build models in worker processes: the error must unpickle."""
+    import pickle
+
+    from perception.data.tetris import TetrisConfig
+
+    with pytest.raises(OptionTypeError) as caught:
+        TetrisConfig(pieces=2.5)
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert type(again) is OptionTypeError and str(again) == str(caught.value) and again.field == "pieces"
+
+
+def test_numpy_values_inside_option_mappings_become_python_values():
+    import json
+
+    config = TrainConfig(model_options={"num_slots": np.int64(4), "beta": np.float32(0.5)})
+    assert json.loads(json.dumps(config.to_dict()))["model_options"] == {"num_slots": 4, "beta": 0.5}
+
+
+def test_saved_run_configurations_are_read_with_one_clear_error(tmp_path):
+    import json
+
+    from perception.train.config import read_train_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TrainConfig(steps=7).to_dict()}))
+    assert read_train_config(path) == TrainConfig(steps=7)
+    for content, message in [
+        ('{"steps": "7"}', "config.json option steps must be an integer, got '7'"),
+        ('{"stepz": 7}', "unknown .*config.json option\\(s\\) stepz"),
+        ("[1]", "is not a JSON object"),
+        ("{", "cannot read the run configuration"),
+    ]:
+        path.write_text(content)
+        with pytest.raises(PerceptionError, match=message):
+            read_train_config(path)
 
 
 def test_config_from_dict_needs_a_checked_config():

@@ -36,7 +36,7 @@ import torch
 from perception.cli import parse_options, run_cli
 from perception.errors import CheckpointError, InputError, OutputExistsError
 from perception.metrics import clustering_accuracy, summarise
-from perception.train.config import TrainConfig
+from perception.train.config import TrainConfig, read_train_config
 from perception.train.images import image_grid
 
 DATASETS = ("mnist", "mnist-20px", "simplified-mnist", "fashion-mnist")
@@ -139,7 +139,7 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig) -> bool:
         raise OutputExistsError(
             f"{run_dir} holds files but no checkpoint.pt and config.json to resume; choose another --out"
         )
-    diff = TrainConfig(**json.loads(saved.read_text())).mismatches(cfg)
+    diff = read_train_config(saved).mismatches(cfg)
     if diff:
         raise CheckpointError(f"{run_dir} holds a run with another {', '.join(diff)}; choose another --out or --tag")
     return True

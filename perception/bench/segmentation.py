@@ -43,7 +43,7 @@ import torch
 from perception.cli import parse_options, run_cli
 from perception.errors import PerceptionError
 from perception.metrics import summarise
-from perception.train.config import TrainConfig
+from perception.train.config import TrainConfig, read_train_config
 
 MODELS = ("monet", "iodine")
 DATASETS = ("multi-dsprites", "tetris", "multi-mnist")
@@ -191,7 +191,7 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     """The configuration of a finished run, for ``--score-only``."""
     if not (run_dir / "encoder.pt").is_file() or not (run_dir / "config.json").is_file():
         raise PerceptionError(f"--score-only: no finished run in {run_dir} (encoder.pt or config.json missing)")
-    return TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    return read_train_config(run_dir / "config.json")
 
 
 def fork_run(source: Path, run_dir: Path, cfg: TrainConfig) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from perception.config import CheckedConfig
+from perception.config import CheckedConfig, config_from_dict
+from perception.errors import PerceptionError
 
 
 @dataclass
@@ -41,3 +44,14 @@ class TrainConfig(CheckedConfig):
     def mismatches(self, other: "TrainConfig") -> list[str]:
         a, b = self.to_dict(), other.to_dict()
         return [k for k in a if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]
+
+
+def read_train_config(path: str | Path) -> TrainConfig:
+    """A run's saved ``config.json``; a damaged or hand-edited file is one error line naming it."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise PerceptionError(f"cannot read the run configuration {path}: {err}") from None
+    if not isinstance(values, dict):
+        raise PerceptionError(f"the run configuration {path} is not a JSON object")
+    return config_from_dict(TrainConfig, values, str(path))

@@ -27,7 +27,7 @@ import torch
 from perception.contract import Encoder
 from perception.errors import CheckpointError, NonFiniteLossError, OutputExistsError, PerceptionError
 from perception.train.checkpoint import atomic_save, encoder_state, read_checkpoint
-from perception.train.config import TrainConfig
+from perception.train.config import TrainConfig, read_train_config
 from perception.train.images import image_grid
 from perception.train.optim import make_optimizer
 
@@ -95,7 +95,7 @@ def prepare_out_dir(cfg: TrainConfig, out: Path, resume: bool) -> TrainConfig:
         return cfg
     if not (out / "checkpoint.pt").is_file() or not saved_config.is_file():
         raise CheckpointError(f"--resume: no checkpoint.pt and config.json in {out}")
-    saved = TrainConfig(**json.loads(saved_config.read_text()))
+    saved = read_train_config(saved_config)
     diff = saved.mismatches(cfg)
     if diff:
         details = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in diff)

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import torch
 
-from perception.train.config import TrainConfig
+from perception.train.config import read_train_config
 from perception.train.loop import EVAL_SEED, build_run_model, load_data
 
 
 def load_run(run: Path, size: int):
     """``(model, scenes)``: the run's ``encoder.pt`` and the first ``size`` of the bench's held-out scenes."""
-    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
+    cfg = read_train_config(Path(run) / "config.json")
     state = torch.load(Path(run) / "encoder.pt", map_location="cpu", weights_only=False)
     model = build_run_model(cfg, tuple(state["image_shape"]))
     model.load_state_dict(state["state_dict"])
