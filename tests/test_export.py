@@ -68,6 +68,15 @@ def test_every_registered_model_exports_and_matches_torch(name, tmp_path):
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
+def test_iodine_with_logistic_pixels_5x5_kernels_and_no_lstm_exports_and_matches_torch(tmp_path):
+    options = {"likelihood": "logistic", "sigma": 0.03, "kernel_size": 5, "recurrent": False, "num_slots": 3,
+               "latent_dim": 4, "decoder_channels": 8, "decoder_layers": 2, "refine_channels": 8, "hidden": 16}
+    torch.manual_seed(0)
+    model = build_model("iodine", options, (3, 35, 35)).eval()
+    result = export_onnx(model, tmp_path / "iodine.onnx", batch_sizes=(1, 3))
+    assert max(result.max_abs_diff.values()) <= 1e-4
+
+
 def test_metadata_is_json_other_runtimes_can_read(tmp_path):
     model = small_vae()
     model.training_data = "multi-mnist canonical: 64x64"

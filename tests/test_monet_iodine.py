@@ -109,10 +109,16 @@ def test_iodine_slots_and_iterations_can_change_at_test_time():
     assert changed.num_slots == 5 and changed.encode(x).slots.shape[1] == 5
 
 
-@pytest.mark.parametrize("frequencies", [0, 2])
-def test_iodine_analytic_gradient_inputs_match_autograd(frequencies):
+@pytest.mark.parametrize(
+    "frequencies,likelihood,kernel_size",
+    [(0, "gaussian", 3), (2, "gaussian", 3), (0, "gaussian", 5), (0, "logistic", 3), (1, "logistic", 5)],
+)
+def test_iodine_analytic_gradient_inputs_match_autograd(frequencies, likelihood, kernel_size):
     torch.manual_seed(0)
-    options = {**TINY["iodine"], "beta": 0.7, "decoder_frequencies": frequencies}
+    options = {
+        **TINY["iodine"], "beta": 0.7, "decoder_frequencies": frequencies, "likelihood": likelihood,
+        "kernel_size": kernel_size, "sigma": 0.1 if likelihood == "gaussian" else 0.05,
+    }
     model = IODINE(IODINE.Config(**options), (2, 6, 5)).double()
     x = torch.rand(2, 2, 6, 5, dtype=torch.double)
     mu = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
@@ -122,7 +128,7 @@ def test_iodine_analytic_gradient_inputs_match_autograd(frequencies):
 
     # posterior gradient: autograd of NLL + beta KL through the decoder
     means, logits, cache = model.decode(mu + eps * (0.5 * logvar).exp())
-    terms = mixture_terms(x, means, logits, model.config.sigma)
+    terms = mixture_terms(x, means, logits, model.likelihood)
     loss = (terms.nll + model.config.beta * gaussian_kl(mu, logvar).sum(1)).sum()
     g_mu, g_logvar = torch.autograd.grad(loss, (mu, logvar))
     with torch.no_grad():
@@ -138,9 +144,8 @@ def test_iodine_analytic_gradient_inputs_match_autograd(frequencies):
     masks = torch.softmax(logits, 1)
     masks_free = masks.detach().requires_grad_()
     log_lik = terms.log_lik.detach()
-    from perception.models.monet import gaussian_log_density
-
-    nll = -torch.logsumexp(masks.log() + gaussian_log_density(x.unsqueeze(1), means, model.config.sigma), 1).sum()
+    torch.testing.assert_close(log_lik, _log_density(x.unsqueeze(1), means, model.config))
+    nll = -torch.logsumexp(masks.log() + _log_density(x.unsqueeze(1), means, model.config), 1).sum()
     nll_free = -torch.logsumexp(masks_free.log() + log_lik, 1).sum()
     a_means, a_logits = torch.autograd.grad(nll, (means, logits))
     (a_masks,) = torch.autograd.grad(nll_free, masks_free)
@@ -157,9 +162,21 @@ def test_iodine_analytic_gradient_inputs_match_autograd(frequencies):
     assert images_in.shape == (6, 3 * 2 + 8, 6, 5) and vectors.shape == (6, 16)
 
 
+def _log_density(x, means, config):
+    """The pixel densities written independently of PixelLikelihood, through torch.distributions."""
+    if config.likelihood == "gaussian":
+        return torch.distributions.Normal(means, config.sigma).log_prob(x).sum(-3)
+    logistic = torch.distributions.TransformedDistribution(
+        torch.distributions.Uniform(torch.zeros_like(means), torch.ones_like(means)),
+        [torch.distributions.transforms.SigmoidTransform().inv,
+         torch.distributions.transforms.AffineTransform(means, config.sigma)],
+    )
+    return logistic.log_prob(x.expand_as(means)).sum(-3)
+
+
 def _analytic(x, means, logits, model):
-    sigma = model.config.sigma
-    return mixture_gradients(x, means.detach(), mixture_terms(x, means.detach(), logits.detach(), sigma), sigma)
+    terms = mixture_terms(x, means.detach(), logits.detach(), model.likelihood)
+    return mixture_gradients(x, means.detach(), terms, model.likelihood)
 
 
 def _out_grads(x, means, logits, model):
@@ -171,6 +188,37 @@ def test_lds_penalises_identical_slots_more_than_orthogonal_ones():
     same = torch.ones(1, 3, 4)
     orthogonal = torch.eye(3, 4).unsqueeze(0)
     assert lds_penalty(same).item() > lds_penalty(orthogonal).item() + 100
+
+
+REFERENCE_TETROMINOES = {"likelihood": "logistic", "sigma": 0.03, "kernel_size": 5, "recurrent": False}
+
+
+def test_iodine_with_deepmind_tetrominoes_choices_learns_a_tiny_batch():
+    """Logistic pixels (scale 0.03), 5x5 kernels and a refinement without LSTM: DeepMind's
+    Tetrominoes configuration's choices, on a tiny model."""
+    x = images("tetris", 2)
+    model = tiny("iodine", tuple(x.shape[1:]), **REFERENCE_TETROMINOES)
+    assert model.refine.lstm is None and not any("lstm" in n for n, _ in model.named_parameters())
+    assert model.decoder.convs[0].kernel_size == (5, 5) and model.refine.convs[0].kernel_size == (5, 5)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(60):
+        result = model.loss({"image": x}, step)
+        opt.zero_grad()
+        result.loss.backward()
+        opt.step()
+        losses.append(result.metrics["neg_elbo"])
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+
+def test_iodine_refines_non_square_images():
+    x = torch.rand(2, 3, 24, 40)
+    for recurrent in (True, False):
+        model = tiny("iodine", (3, 24, 40), recurrent=recurrent).eval()
+        with torch.no_grad():
+            out = model.encode(x)
+        assert out.masks.shape == (2, 4, 24, 40) and torch.isfinite(out.slots).all()
 
 
 @pytest.mark.parametrize("name", ["monet", "iodine"])
@@ -244,16 +292,16 @@ def test_trains_with_the_shared_trainer(name, tmp_path):
     assert 0.0 <= metrics["fg_ari"] <= 1.0 and "duplicate_rate" in metrics
 
 
-@pytest.mark.parametrize("frequencies", [0, 2])
-def test_broadcast_decoder_equals_its_tiled_convolution_definition(frequencies):
+@pytest.mark.parametrize("frequencies,kernel_size", [(0, 3), (2, 3), (1, 5)])
+def test_broadcast_decoder_equals_its_tiled_convolution_definition(frequencies, kernel_size):
     """The linear first layer and channels-last layers must compute exactly the plain decoder;
     with Fourier features the coordinate channels are x, y, then sin and cos of pi 2^f x, y."""
     from torch.nn import functional as F
 
-    from perception.nn.broadcast_decoder import SpatialBroadcastDecoder
+    from perception.nn.broadcast_decoder import SpatialBroadcastDecoder, coordinate_grid
 
     torch.manual_seed(0)
-    decoder = SpatialBroadcastDecoder(4, 3, (6, 5), channels=8, layers=3, frequencies=frequencies).double()
+    decoder = SpatialBroadcastDecoder(4, 3, (6, 5), 8, 3, frequencies, kernel_size).double()
     z = torch.randn(5, 4, dtype=torch.double)
     coords = decoder.coords.double().expand(5, -1, -1, -1)
     assert coords.shape[1] == 2 + 4 * frequencies
@@ -267,7 +315,9 @@ def test_broadcast_decoder_equals_its_tiled_convolution_definition(frequencies):
     for conv in decoder.convs:
         h = F.elu(conv(h))
     torch.testing.assert_close(decoder(z), decoder.out(h.contiguous()))
-    assert decoder(z).is_contiguous()
+    assert decoder(z).shape == (5, 3, 6, 5) and decoder(z).is_contiguous()
+    pad = 3 * (kernel_size // 2)  # the padded grid's centre is the image's pixel-centre grid
+    torch.testing.assert_close(decoder.coords[0, :2, pad:pad + 6, pad:pad + 5], coordinate_grid(6, 5).double())
 
 
 def test_iodine_training_gradient_reaches_the_initial_posterior_and_every_layer():
@@ -358,10 +408,23 @@ def test_bundled_monet_checkpoints_still_segment_held_out_scenes(name, dataset, 
     ("iodine", {"decoder_frequencies": 2.0}, "decoder_frequencies must be an integer, got 2.0"),
     ("iodine", {"test_iterations": True}, "test_iterations must be an integer, got True"),
     ("monet", {"test_slots": 2.0}, "test_slots must be an integer"), ("monet", {"num_slots": 0}, "num_slots >= 1"),
+    ("iodine", {"kernel_size": 4}, "kernel_size must be odd"), ("iodine", {"sigma": 0.0}, "sigma must be > 0"),
+    ("iodine", {"sigma": float("nan")}, "sigma must be > 0"),
+    ("iodine", {"likelihood": "laplace"}, "likelihood must be one of"),
 ])
-def test_slot_and_frequency_counts_must_be_non_negative_integers(name, options, message):
+def test_bad_count_size_and_likelihood_options_fail_when_built(name, options, message):
     with pytest.raises(PerceptionError, match=message):
         tiny(name, (3, 35, 35), **options)
     cls = model_class(name)  # built directly from its Config, not through build_model: the same checks
     with pytest.raises(PerceptionError, match=message):
         cls(cls.Config(**{**TINY[name], **options}), (3, 35, 35))
+
+
+def test_every_cost_variant_of_the_segmentation_bench_builds():
+    """The bench's named settings are option dictionaries: a misspelt option would only fail in
+    a long benchmark run."""
+    from perception.bench.segmentation import COST_VARIANTS
+
+    for name, variants in COST_VARIANTS.items():
+        for _, options in variants:
+            build_model(name, {"num_slots": 4, **options}, (3, 35, 35))

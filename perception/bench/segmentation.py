@@ -59,6 +59,17 @@ SLOTS = {"multi-dsprites": 6, "tetris": 4, "multi-mnist": 4}
 
 # IODINE at the scale of the paper's CLEVR networks (convolutions 64 ch x 4, MLP/LSTM 256).
 PAPER_IODINE = {"decoder_channels": 64, "decoder_layers": 4, "refine_channels": 64, "refine_layers": 4, "hidden": 256}
+# The choices of DeepMind's IODINE configuration for Tetrominoes (deepmind-research,
+# iodine/configurations.py, as read in session 12) that this model has options for. Not matched:
+# its refinement network's pooling, its pixel range, and the training settings (batch 128,
+# lr 2.1e-4, Adam beta1 0.95).
+DEEPMIND_TETROMINOES = {
+    "iterations": 5, "latent_dim": 32, "decoder_channels": 32, "decoder_layers": 4,
+    "decoder_frequencies": 3, "kernel_size": 5, "refine_channels": 32, "recurrent": False,
+    "likelihood": "logistic", "sigma": 0.03,
+}
+# The small IODINE trained on Tetris in docs/results/segmentation.md (sessions 2 and 12).
+SMALL_TETRIS = {"decoder_channels": 16, "refine_channels": 16, "hidden": 64, "iterations": 2, "test_iterations": 4}
 # Cost variants, from the paper's sizes to this library's defaults, one change at a time.
 COST_VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "iodine": [
@@ -66,6 +77,9 @@ COST_VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("paper, T=3 in training", {**PAPER_IODINE, "iterations": 3}),
         ("T=3, decoder 32x3", {**PAPER_IODINE, "iterations": 3, "decoder_channels": 32, "decoder_layers": 3}),
         ("default (T=3, decoder 32x3, refinement 32x3, LSTM 128)", {}),
+        ("small Tetris model (16 ch, LSTM 64, T=2)", SMALL_TETRIS),
+        ("DeepMind Tetrominoes choices (logistic 0.03, T=5, latent 32, decoder 32x4 5x5 + 3 frequencies, "
+         "refinement 32 ch 5x5, no LSTM)", DEEPMIND_TETROMINOES),
     ],
     "monet": [
         ("default (U-Net 32 ch x 4 levels, decoder 32 ch x 4)", {}),

@@ -3,9 +3,11 @@
 Each of K slots has a Gaussian posterior ``lambda_k = (mu_k, logvar_k)``, starting from a
 trainable initial posterior shared by all slots (slots differ through their samples). A spatial
 broadcast decoder maps ``z_k`` to pixel means and mask logits; masks are a softmax over slots
-and pixels a Gaussian mixture with fixed ``sigma``. A refinement network (convolutions, an MLP,
-an LSTM) reads the paper's auxiliary inputs and updates ``lambda_k`` T times; the training loss
-is ``sum_t (t / T) L_t`` with ``L_t`` the negative ELBO after refinement ``t``.
+and pixels a mixture of fixed-scale Gaussian (the paper) or logistic (DeepMind's Tetrominoes
+configuration) densities. A refinement network (convolutions, an MLP, an LSTM unless
+``recurrent`` is off) reads the paper's auxiliary inputs and updates
+``lambda_k`` T times; the training loss is ``sum_t (t / T) L_t`` with ``L_t`` the negative ELBO
+after refinement ``t``.
 
 The gradients fed to the refinement network are computed without autograd, so the
 deterministic ``encode`` is plain tensor algebra (exportable to ONNX, runnable under
@@ -22,8 +24,9 @@ symmetry, and later steps decode posterior means.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Literal, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -51,10 +54,13 @@ class IODINEConfig(CheckedConfig):
     decoder_channels: int = 32
     decoder_layers: int = 3
     decoder_frequencies: int = 0  # Fourier coordinate features in the decoder (0: x and y only)
+    kernel_size: int = 3  # odd; of the decoder's and the refinement network's convolutions
     refine_channels: int = 32
     refine_layers: int = 3
     hidden: int = 128  # refinement MLP and LSTM width
-    sigma: float = 0.1
+    recurrent: bool = True  # the refinement LSTM; False: none, the head reads the MLP directly
+    likelihood: Literal["gaussian", "logistic"] = "gaussian"  # per-channel pixel density of a slot
+    sigma: float = 0.1  # that density's scale: the Gaussian's std or the logistic's scale
     beta: float = 1.0
     lds: bool = False
     lds_weight: float = 1.0
@@ -71,6 +77,10 @@ class IODINEConfig(CheckedConfig):
                 "iodine: need num_slots >= 1 and test_slots, test_iterations, decoder_frequencies >= 0,"
                 f" got {counts}"
             )
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise PerceptionError(f"iodine: kernel_size must be odd and >= 1, got {self.kernel_size}")
+        if not math.isfinite(self.sigma) or self.sigma <= 0:
+            raise PerceptionError(f"iodine: sigma must be > 0, got {self.sigma}")
         if max(self.num_slots, self.test_slots) > MAX_SLOTS:
             raise PerceptionError(f"iodine: at most {MAX_SLOTS} slots, got {max(self.num_slots, self.test_slots)}")
 
@@ -81,14 +91,39 @@ class MixtureTerms:
 
     nll: Tensor  # [N], summed over pixels
     log_masks: Tensor  # [N, K, H, W]
-    log_lik: Tensor  # [N, K, H, W]: log N(x; mean_k, sigma^2) over channels
+    log_lik: Tensor  # [N, K, H, W]: log p(x | mean_k), summed over channels
     log_mix: Tensor  # [N, 1, H, W]: log p(x) per pixel
     responsibility: Tensor  # [N, K, H, W]: posterior mask
 
 
-def mixture_terms(x: Tensor, means: Tensor, mask_logits: Tensor, sigma: float) -> MixtureTerms:
+@dataclass(frozen=True)
+class PixelLikelihood:
+    """A slot's density of each pixel channel around its mean, with a fixed scale.
+
+    The logistic (DeepMind's Tetrominoes setting, scale 0.03) has heavier tails than the
+    Gaussian: a pixel far from a slot's colour costs linearly, not quadratically.
+    """
+
+    kind: Literal["gaussian", "logistic"] = "gaussian"
+    scale: float = 0.1
+
+    def log_density(self, x: Tensor, means: Tensor) -> Tensor:
+        """Sum over channels: ``[..., C, H, W] -> [..., H, W]``."""
+        if self.kind == "gaussian":
+            return gaussian_log_density(x, means, self.scale)
+        u = ((x - means) / self.scale).abs()  # the density is symmetric
+        return (-u - 2.0 * F.softplus(-u) - math.log(self.scale)).sum(dim=-3)
+
+    def score(self, x: Tensor, means: Tensor) -> Tensor:
+        """``d log p(x | mean) / d mean`` per channel."""
+        if self.kind == "gaussian":
+            return (x - means) / self.scale**2
+        return torch.tanh((x - means) / (2.0 * self.scale)) / self.scale
+
+
+def mixture_terms(x: Tensor, means: Tensor, mask_logits: Tensor, likelihood: PixelLikelihood) -> MixtureTerms:
     log_masks = F.log_softmax(mask_logits, dim=1)
-    log_lik = gaussian_log_density(x.unsqueeze(1), means, sigma)
+    log_lik = likelihood.log_density(x.unsqueeze(1), means)
     joint = log_masks + log_lik
     log_mix = torch.logsumexp(joint, dim=1, keepdim=True)
     return MixtureTerms(
@@ -100,14 +135,17 @@ def mixture_terms(x: Tensor, means: Tensor, mask_logits: Tensor, sigma: float) -
     )
 
 
-def mixture_gradients(x: Tensor, means: Tensor, t: MixtureTerms, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+def mixture_gradients(
+    x: Tensor, means: Tensor, t: MixtureTerms, likelihood: PixelLikelihood
+) -> tuple[Tensor, Tensor, Tensor]:
     """Closed-form gradients of the NLL w.r.t. means ``[N,K,C,H,W]``, masks and mask logits ``[N,K,H,W]``.
 
-    With ``gamma_k`` the responsibilities: ``dL/dmean_k = -gamma_k (x - mean_k) / sigma^2``,
+    With ``gamma_k`` the responsibilities: ``dL/dmean_k = -gamma_k score_k`` (for the Gaussian
+    ``score_k = (x - mean_k) / sigma^2``),
     ``dL/dmask_k = -p_k / p(x)`` (masks as free variables, as autograd on the masks gives) and
     ``dL/dlogit_k = mask_k - gamma_k`` (through the softmax).
     """
-    d_means = -t.responsibility.unsqueeze(2) * (x.unsqueeze(1) - means) / sigma**2
+    d_means = -t.responsibility.unsqueeze(2) * likelihood.score(x.unsqueeze(1), means)
     d_masks = -(t.log_lik - t.log_mix).clamp(max=MAX_RATIO_LOG).exp()
     d_logits = t.log_masks.exp() - t.responsibility
     return d_means, d_masks, d_logits
@@ -143,25 +181,33 @@ class LSTMCell(nn.Module):
 
 
 class RefinementNetwork(nn.Module):
-    """Image-sized inputs -> strided convs -> MLP; with the vector inputs -> LSTM -> delta lambda."""
+    """Image-sized inputs -> strided convs -> MLP; with the vector inputs -> LSTM -> delta lambda.
+    Not recurrent: the head reads the MLP output and the vector inputs directly, and the state
+    passes through untouched."""
 
-    def __init__(self, in_channels: int, size: int, latent_dim: int, channels: int, layers: int, hidden: int):
+    def __init__(
+        self, in_channels: int, size: tuple[int, int], latent_dim: int, channels: int, layers: int, hidden: int,
+        kernel_size: int = 3, recurrent: bool = True,
+    ):
         super().__init__()
-        convs: list[nn.Module] = []
+        (h, w), convs = size, []
         for i in range(layers):
-            convs += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, stride=2, padding=1), nn.ELU()]
-            size = (size + 1) // 2
+            conv_in = in_channels if i == 0 else channels
+            convs += [nn.Conv2d(conv_in, channels, kernel_size, stride=2, padding=kernel_size // 2), nn.ELU()]
+            h, w = (h + 1) // 2, (w + 1) // 2
         self.convs = nn.Sequential(*convs, nn.Flatten())
-        self.mlp = nn.Sequential(nn.Linear(channels * size * size, hidden), nn.ELU())
-        self.lstm = LSTMCell(hidden + 4 * latent_dim, hidden)
-        self.head = nn.Linear(hidden, 2 * latent_dim)
+        self.mlp = nn.Sequential(nn.Linear(channels * h * w, hidden), nn.ELU())
+        self.lstm = LSTMCell(hidden + 4 * latent_dim, hidden) if recurrent else None
+        self.head = nn.Linear(hidden if recurrent else hidden + 4 * latent_dim, 2 * latent_dim)
         self.hidden = hidden
 
     def forward(
         self, images: Tensor, vectors: Tensor, state: tuple[Tensor, Tensor]
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        h = self.mlp(self.convs(images))
-        h, c = self.lstm(torch.cat([h, vectors], dim=-1), state)
+        h = torch.cat([self.mlp(self.convs(images)), vectors], dim=-1)
+        if self.lstm is None:
+            return self.head(h), state
+        h, c = self.lstm(h, state)
         return self.head(h), (h, c)
 
 
@@ -175,11 +221,14 @@ class IODINE(Encoder):
         c, h, w = self.image_shape
         d = config.latent_dim
         self.decoder = SpatialBroadcastDecoder(
-            d, c + 1, (h, w), config.decoder_channels, config.decoder_layers, config.decoder_frequencies
+            d, c + 1, (h, w), config.decoder_channels, config.decoder_layers, config.decoder_frequencies,
+            config.kernel_size,
         )
+        self.likelihood = PixelLikelihood(config.likelihood, config.sigma)
         in_channels = 3 * c + 8  # see refinement_inputs
         self.refine = RefinementNetwork(
-            in_channels, max(h, w), d, config.refine_channels, config.refine_layers, config.hidden
+            in_channels, (h, w), d, config.refine_channels, config.refine_layers, config.hidden,
+            config.kernel_size, config.recurrent,
         )
         self.init_posterior = nn.Parameter(torch.zeros(2 * d))
         noise = torch.randn(MAX_SLOTS, d, generator=torch.Generator().manual_seed(0))
@@ -213,8 +262,8 @@ class IODINE(Encoder):
         """The paper's inputs, gradients included, with no autograd: image-sized
         ``[N*K, 3C+8, H, W]`` and vector ``[N*K, 4D]``. Call on detached tensors."""
         n, k = logits.shape[:2]
-        sigma, beta = self.config.sigma, self.config.beta
-        d_means, d_masks, d_logits = mixture_gradients(x, means, t, sigma)
+        beta = self.config.beta
+        d_means, d_masks, d_logits = mixture_gradients(x, means, t, self.likelihood)
         d_out = torch.cat([d_means, d_logits.unsqueeze(2)], dim=2)
         d_z = self.decoder.vjp([c.view(-1, k, *c.shape[1:]) for c in cache], d_out)
         std = (0.5 * logvar).exp()
@@ -261,7 +310,7 @@ class IODINE(Encoder):
             if step == 0:  # a deterministic first decode ran once for the batch: broadcast it
                 means, logits = means.expand(n, -1, -1, -1, -1), logits.expand(n, -1, -1, -1)
                 z, mu, logvar, eps = (v.expand(n, -1, -1) for v in (z, mu, logvar, eps))
-            terms = mixture_terms(x, means, logits, self.config.sigma)
+            terms = mixture_terms(x, means, logits, self.likelihood)
             yield z, mu, logvar, means, logits, terms
             if step == iterations:
                 return

@@ -1,8 +1,9 @@
 """Spatial broadcast decoder (Watters et al. 2019) with a hand-written vector-Jacobian product.
 
-A latent ``z`` is tiled over a grid padded by one pixel per 3x3 layer, two coordinate channels
-(x, y in [-1, 1]; optionally Fourier features of them, :func:`fourier_features`) are appended, and unpadded 3x3 convolutions (ELU) shrink it back to the image
-size before a 1x1 output layer. Position is then easy to read from the coordinates and hard to
+A latent ``z`` is tiled over a grid padded by ``K // 2`` pixels per KxK layer (K = 3 unless
+set), two coordinate channels (x, y in [-1, 1]; optionally Fourier features of them,
+:func:`fourier_features`) are appended, and unpadded KxK convolutions (ELU) shrink it back to
+the image size before a 1x1 output layer. Position is then easy to read from the coordinates and hard to
 entangle with appearance, which is why MONet and IODINE decode each slot this way.
 
 The first convolution sees a spatially constant ``z``, so its ``z`` part is exactly a linear map
@@ -42,26 +43,29 @@ def fourier_features(coords: Tensor, frequencies: int) -> Tensor:
 
 
 class SpatialBroadcastDecoder(nn.Module):
-    """``z [B, D] -> [B, out_channels, H, W]`` through ``layers`` unpadded 3x3 convolutions."""
+    """``z [B, D] -> [B, out_channels, H, W]`` through ``layers`` unpadded KxK convolutions (K odd)."""
 
     def __init__(
         self, latent_dim: int, out_channels: int, size: tuple[int, int], channels: int = 32, layers: int = 4,
-        frequencies: int = 0,
+        frequencies: int = 0, kernel_size: int = 3,
     ):
         super().__init__()
         if layers < 1:
-            raise ValueError("a broadcast decoder needs at least one 3x3 layer")
+            raise ValueError("a broadcast decoder needs at least one convolution layer")
         if type(frequencies) is not int or frequencies < 0:
             raise ValueError(f"frequencies must be an integer >= 0, got {frequencies!r}")
+        if type(kernel_size) is not int or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
         h, w = size
         self.latent_dim = latent_dim
         coordinate_channels = 2 + 4 * frequencies
         self.convs = nn.ModuleList(
-            nn.Conv2d(latent_dim + coordinate_channels if i == 0 else channels, channels, 3) for i in range(layers)
+            nn.Conv2d(latent_dim + coordinate_channels if i == 0 else channels, channels, kernel_size)
+            for i in range(layers)
         )
         self.out = nn.Conv2d(channels, out_channels, 1)
         # Coordinates of the padded grid, so the image-sized centre keeps pixel-centre units.
-        pad = layers
+        pad = layers * (kernel_size // 2)
         grid = coordinate_grid(h, w)
         step_x, step_y = 2.0 / w, 2.0 / h
         xs = grid[0, 0, 0] + step_x * torch.arange(-pad, w + pad, dtype=torch.float32)
