@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from perception.config import config_from_dict
 from perception.errors import PerceptionError
 from perception.train.config import TrainConfig
 from perception.train.loop import prepare_out_dir
@@ -24,7 +25,7 @@ def _worker(config: dict[str, Any]) -> None:
     from perception.train.loop import train
 
     ctx = ray.train.get_context()
-    cfg = TrainConfig(**config["cfg"])
+    cfg = config_from_dict(TrainConfig, config["cfg"], "training")
     torch.set_num_threads(max(1, config["threads"]))
     metrics = train(
         cfg, config["out"], resume=config["resume"], progress=False, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
