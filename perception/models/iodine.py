@@ -40,6 +40,7 @@ from perception.models.monet import gaussian_log_density, masks_to_contract
 from perception.nn.blocks import gaussian_kl
 from perception.nn.broadcast_decoder import SpatialBroadcastDecoder, coordinate_grid
 
+LikelihoodKind = Literal["gaussian", "logistic"]
 MAX_SLOTS = 32  # size of the fixed symmetry-breaking noise used by the deterministic encode
 MAX_RATIO_LOG = 30.0  # dL/dmask = -p_k / p(x) can overflow float32 where a slot's mask ~ 0
 
@@ -59,7 +60,7 @@ class IODINEConfig(CheckedConfig):
     refine_layers: int = 3
     hidden: int = 128  # refinement MLP and LSTM width
     recurrent: bool = True  # the refinement LSTM; False: none, the head reads the MLP directly
-    likelihood: Literal["gaussian", "logistic"] = "gaussian"  # per-channel pixel density of a slot
+    likelihood: LikelihoodKind = "gaussian"  # per-channel pixel density of a slot
     sigma: float = 0.1  # that density's scale: the Gaussian's std or the logistic's scale
     beta: float = 1.0
     lds: bool = False
@@ -104,8 +105,8 @@ class PixelLikelihood:
     Gaussian: a pixel far from a slot's colour costs linearly, not quadratically.
     """
 
-    kind: Literal["gaussian", "logistic"] = "gaussian"
-    scale: float = 0.1
+    kind: LikelihoodKind
+    scale: float
 
     def log_density(self, x: Tensor, means: Tensor) -> Tensor:
         """Sum over channels: ``[..., C, H, W] -> [..., H, W]``."""
