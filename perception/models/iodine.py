@@ -33,10 +33,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from perception.config import CheckedConfig
-from perception.contract import Encoder, EncoderOutput, ModelLoss
+from perception.contract import EncoderOutput, ModelLoss
 from perception.errors import PerceptionError
 from perception.models.lds import lds_penalty
-from perception.models.monet import gaussian_log_density, masks_to_contract
+from perception.models.mixture import MixtureEncoder, gaussian_log_density, masks_to_contract
 from perception.nn.blocks import gaussian_kl
 from perception.nn.broadcast_decoder import SpatialBroadcastDecoder, coordinate_grid
 
@@ -212,7 +212,7 @@ class RefinementNetwork(nn.Module):
         return self.head(h), (h, c)
 
 
-class IODINE(Encoder):
+class IODINE(MixtureEncoder):
     Config = IODINEConfig
     name = "iodine"
     default_dataset = "multi-dsprites"
@@ -235,18 +235,6 @@ class IODINE(Encoder):
         noise = torch.randn(MAX_SLOTS, d, generator=torch.Generator().manual_seed(0))
         self.register_buffer("fixed_noise", noise)
         self.register_buffer("coords", coordinate_grid(h, w).unsqueeze(0), persistent=False)
-
-    @property
-    def num_slots(self) -> int:
-        return self.config.test_slots or self.config.num_slots
-
-    @property
-    def slot_layout(self) -> list[str]:
-        return [f"z_{i}" for i in range(self.config.latent_dim)]
-
-    @property
-    def has_masks(self) -> bool:
-        return True
 
     # --- one inference step ------------------------------------------------------------------
     def decode(self, z: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -368,13 +356,6 @@ class IODINE(Encoder):
         *_, (_, _, _, means, _, terms) = self.infer(images, self.num_slots, iterations, True)
         masks = terms.log_masks.exp()
         return (masks.unsqueeze(2) * means).sum(1), masks, means
-
-    def visualize(self, images: Tensor) -> dict[str, Tensor]:
-        recon, masks, means = self.reconstruct(images)
-        rows = {"input": images, "reconstruction": recon.clamp(0, 1)}
-        for k in range(masks.shape[1]):
-            rows[f"slot_{k}"] = (masks[:, k : k + 1] * means[:, k] + (1 - masks[:, k : k + 1])).clamp(0, 1)
-        return rows
 
 
 def _detach_terms(t: MixtureTerms) -> MixtureTerms:

@@ -17,7 +17,6 @@ never present (usually slot 0, which has ``sigma_bg``, but not always).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -26,15 +25,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from perception.config import CheckedConfig
-from perception.contract import Encoder, EncoderOutput, ModelLoss
+from perception.contract import EncoderOutput, ModelLoss
 from perception.errors import PerceptionError
 from perception.models.lds import lds_penalty
+from perception.models.mixture import MixtureEncoder, gaussian_log_density, masks_to_contract
 from perception.nn.blocks import conv_encoder, gaussian_kl
-from perception.nn.broadcast_decoder import SpatialBroadcastDecoder, coordinate_grid
+from perception.nn.broadcast_decoder import SpatialBroadcastDecoder
 from perception.nn.unet import UNet
-
-LOG_2PI = math.log(2 * math.pi)
-
 
 @dataclass
 class MONetConfig(CheckedConfig):
@@ -70,32 +67,7 @@ def log_sigmoid(x: Tensor) -> Tensor:
     return torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-x.abs()))
 
 
-def masks_to_contract(masks: Tensor, min_area: float) -> tuple[Tensor, Tensor]:
-    """Presence and position from soft masks ``[N, K, H, W]``.
-
-    A slot is present (1) when the pixels where it wins the argmax cover at least ``min_area``
-    of the image and it is not the background, the slot with the largest mask (MONet's slot 0
-    is meant to take it, but training may hand it to another slot); otherwise 0.
-    Position is the centroid of the soft mask in contract units (x right, y down, edges +-1).
-    """
-    n, k, h, w = masks.shape
-    owner = F.one_hot(masks.argmax(dim=1), k).permute(0, 3, 1, 2).to(masks.dtype)
-    area = owner.mean(dim=(2, 3))
-    background = F.one_hot(masks.mean(dim=(2, 3)).argmax(dim=1), k).bool()
-    presence = ((area >= min_area) & ~background).to(masks.dtype)
-    grid = coordinate_grid(h, w).to(masks)  # pixel centres in [-1, 1]
-    total = masks.sum(dim=(2, 3)).clamp_min(1e-6)
-    position = torch.einsum("nkhw,chw->nkc", masks, grid) / total[..., None]
-    return presence, position
-
-
-def gaussian_log_density(x: Tensor, mean: Tensor, sigma: Tensor | float) -> Tensor:
-    """Sum over channels of log N(x; mean, sigma^2): ``[..., C, H, W] -> [..., H, W]``."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    return (-0.5 * ((x - mean) / sigma).pow(2) - sigma.log() - 0.5 * LOG_2PI).sum(dim=-3)
-
-
-class MONet(Encoder):
+class MONet(MixtureEncoder):
     Config = MONetConfig
     name = "monet"
     default_dataset = "multi-dsprites"
@@ -112,19 +84,6 @@ class MONet(Encoder):
         sigma = torch.full((config.num_slots,), config.sigma_fg)
         sigma[0] = config.sigma_bg
         self.register_buffer("sigma", sigma.view(1, -1, 1, 1, 1), persistent=False)
-
-    @property
-    def num_slots(self) -> int:
-        """Slots of the encoder's output: ``test_slots`` when set (training uses ``num_slots``)."""
-        return self.config.test_slots or self.config.num_slots
-
-    @property
-    def slot_layout(self) -> list[str]:
-        return [f"z_{i}" for i in range(self.config.latent_dim)]
-
-    @property
-    def has_masks(self) -> bool:
-        return True
 
     def attend(self, x: Tensor, slots: int) -> Tensor:
         """Stick-breaking log masks ``[N, slots, H, W]`` (they sum to one over the slots)."""
@@ -192,10 +151,3 @@ class MONet(Encoder):
         means, _ = self.decode(mu)
         masks = log_masks.exp()
         return (masks.unsqueeze(2) * means).sum(1), masks, means
-
-    def visualize(self, images: Tensor) -> dict[str, Tensor]:
-        recon, masks, means = self.reconstruct(images)
-        rows = {"input": images, "reconstruction": recon}
-        for k in range(self.num_slots):
-            rows[f"slot_{k}"] = masks[:, k : k + 1] * means[:, k] + (1 - masks[:, k : k + 1])
-        return rows
