@@ -66,7 +66,8 @@ class MixtureEncoder(Encoder):
 
     @abc.abstractmethod
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Deterministic reconstruction ``[N,C,H,W]``, masks ``[N,K,H,W]`` and slot means ``[N,K,C,H,W]``."""
+        """Deterministic reconstruction ``[N,C,H,W]``, masks ``[N,K,H,W]`` and slot means
+        ``[N,K,C,H,W]``, without autograd (``visualize`` draws them)."""
 
     def visualize(self, images: Tensor) -> dict[str, Tensor]:
         """Input, reconstruction, then each slot's means drawn through its mask on white."""

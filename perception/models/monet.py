@@ -33,6 +33,7 @@ from perception.nn.blocks import conv_encoder, gaussian_kl
 from perception.nn.broadcast_decoder import SpatialBroadcastDecoder
 from perception.nn.unet import UNet
 
+
 @dataclass
 class MONetConfig(CheckedConfig):
     num_slots: int = 6  # multi-dSprites: up to 5 sprites + background
