@@ -36,7 +36,7 @@ from perception.config import CheckedConfig
 from perception.contract import EncoderOutput, ModelLoss
 from perception.errors import PerceptionError
 from perception.models.lds import lds_penalty
-from perception.models.mixture import MixtureEncoder, gaussian_log_density, masks_to_contract
+from perception.models.mixture import MixtureEncoder, gaussian_log_density, masks_to_contract, mixture_image
 from perception.nn.blocks import gaussian_kl
 from perception.nn.broadcast_decoder import SpatialBroadcastDecoder, coordinate_grid
 
@@ -343,7 +343,7 @@ class IODINE(MixtureEncoder):
             "neg_elbo": (terms.nll + kl).mean().item(),
             "nll": terms.nll.mean().item(),
             "kl": kl.mean().item(),
-            "mse": (masks.unsqueeze(2) * means).sum(1).sub(x).pow(2).mean().item(),
+            "mse": mixture_image(masks, means).sub(x).pow(2).mean().item(),
         }
         if self.config.lds and self.training:
             metrics["lds"] = lds_total.item()
@@ -355,7 +355,7 @@ class IODINE(MixtureEncoder):
         iterations = self.config.test_iterations or self.config.iterations
         *_, (_, _, _, means, _, terms) = self.infer(images, self.num_slots, iterations, True)
         masks = terms.log_masks.exp()
-        return (masks.unsqueeze(2) * means).sum(1), masks, means
+        return mixture_image(masks, means), masks, means
 
 
 def _detach_terms(t: MixtureTerms) -> MixtureTerms:

@@ -44,6 +44,12 @@ def gaussian_log_density(x: Tensor, mean: Tensor, sigma: Tensor | float) -> Tens
     return (-0.5 * ((x - mean) / sigma).pow(2) - sigma.log() - 0.5 * LOG_2PI).sum(dim=-3)
 
 
+def mixture_image(masks: Tensor, means: Tensor) -> Tensor:
+    """The image the mixture explains: masks ``[N, K, H, W]`` weighting slot means
+    ``[N, K, C, H, W]`` -> ``[N, C, H, W]``."""
+    return (masks.unsqueeze(2) * means).sum(1)
+
+
 class MixtureEncoder(Encoder):
     """Base of the mixture models: slots are ``latent_dim``-vectors, one per mixture component.
 

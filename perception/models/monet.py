@@ -28,7 +28,7 @@ from perception.config import CheckedConfig
 from perception.contract import EncoderOutput, ModelLoss
 from perception.errors import PerceptionError
 from perception.models.lds import lds_penalty
-from perception.models.mixture import MixtureEncoder, gaussian_log_density, masks_to_contract
+from perception.models.mixture import MixtureEncoder, gaussian_log_density, masks_to_contract, mixture_image
 from perception.nn.blocks import conv_encoder, gaussian_kl
 from perception.nn.broadcast_decoder import SpatialBroadcastDecoder
 from perception.nn.unet import UNet
@@ -136,7 +136,7 @@ class MONet(MixtureEncoder):
             "nll": nll.mean().item(),
             "kl": kl_z.mean().item(),
             "kl_mask": kl_mask.mean().item(),
-            "mse": (masks.unsqueeze(2) * means).sum(1).sub(x).pow(2).mean().item(),
+            "mse": mixture_image(masks, means).sub(x).pow(2).mean().item(),
         }
         if self.config.lds and self.training:
             lds = lds_penalty(mu if self.config.lds_on_means else z)
@@ -151,4 +151,4 @@ class MONet(MixtureEncoder):
         mu, _ = self.posterior(images, log_masks)
         means, _ = self.decode(mu)
         masks = log_masks.exp()
-        return (masks.unsqueeze(2) * means).sum(1), masks, means
+        return mixture_image(masks, means), masks, means
