@@ -1,4 +1,5 @@
 """Shared by the diagnostics here: a finished bench run's model (eval mode) and its held-out scenes."""
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -7,10 +8,12 @@ from perception.train.config import read_train_config
 from perception.train.loop import EVAL_SEED, build_run_model, load_data
 
 
-def load_run(run: Path, size: int, weights: str = "encoder.pt"):
+def load_run(run: Path, size: int, weights: str = "encoder.pt", options: dict | None = None):
     """``(model, scenes)``: the run's ``encoder.pt`` (or ``checkpoint.pt``) and the first ``size``
-    of the bench's held-out scenes."""
+    of the bench's held-out scenes; ``options`` change inference-only model options (as the
+    bench's ``--eval-option``)."""
     cfg = read_train_config(Path(run) / "config.json")
+    cfg = dataclasses.replace(cfg, model_options={**cfg.model_options, **(options or {})})
     state = torch.load(Path(run) / weights, map_location="cpu", weights_only=False)
     model = build_run_model(cfg, tuple(state["image_shape"]))
     model.load_state_dict(state["state_dict"])
