@@ -9,6 +9,7 @@ B duplicates over all A duplicates; every pair sees the same scenes, so they are
 together): the interval still covers the scenes only, not training noise.
 """
 import argparse
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ if len(args.runs) % 2:
     parser.error(f"runs come in A/B pairs; got {len(args.runs)} paths")
 
 
+@functools.cache  # a run may sit in several pairs (e.g. one no-LDS arm against two LDS weights)
 def per_scene_duplicates(run: Path, slots: int) -> tuple[np.ndarray, np.ndarray]:
     model, scenes = load_run(run, args.scenes, options={"test_slots": slots} if slots else None)
     x = torch.from_numpy(scenes.float_images())
@@ -66,9 +68,10 @@ for k in map(int, args.slots.split(",")):
         raise SystemExit("the runs were scored on different scenes (different datasets?): no paired comparison")
     draws = rng.integers(0, len(objects), size=(2000, len(objects)))
     for (a, b), ((da, ta), (db, tb)) in zip(pairs, counts):
-        label = f"K={k or 'as trained'}" + (f" {a.name}" if len(pairs) > 1 else "")
+        # Name B by its OUT dir and run: pairs may share a run name (one seed, several arms).
+        label = f"K={k or 'as trained'}" + (f" {b.parent.parent.name}/{b.name}" if len(pairs) > 1 else "")
         report(label, da, ta, db, tb, draws)
     if len(pairs) > 1:
         # Pooled over pairs per scene: the same scenes, so one resample index serves them all.
-        (da, ta), (db, tb) = (tuple(sum(c[arm][i] for c in counts) for i in range(2)) for arm in range(2))
+        (da, ta), (db, tb) = np.sum(counts, axis=0)
         report(f"K={k or 'as trained'} pooled over {len(pairs)} pairs", da, ta, db, tb, draws)
